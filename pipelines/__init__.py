@@ -1,0 +1,1 @@
+"""What runs in which order: the workflow DAG, the runner, the CLI and the config schema."""

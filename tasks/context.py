@@ -1,0 +1,26 @@
+"""What the runner hands a stage: where to write, where its inputs are, how to report.
+
+Tasks never import `pipelines`; the runner builds a StageContext and calls
+`task.run(stage_config, ctx) -> dict[str, float]` (counts and timings that go to the
+manifest and to the stage's MLflow child run, which is the active run while `run` executes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageContext:
+    name: str  # stage name, e.g. "embed"
+    storage: Path  # pipeline output root
+    out_dir: Path  # <storage>/<name>/, exists; empty unless the stage is incremental
+    inputs: dict[str, Path] = field(default_factory=dict)  # upstream stage name -> its out_dir
+    seed: int = 0
+    show_progress: bool = True  # progress bars on long work
+
+    def input(self, stage: str) -> Path:
+        if stage not in self.inputs:
+            raise KeyError(f"stage {self.name!r} needs the output of {stage!r}, which this run does not provide")
+        return self.inputs[stage]

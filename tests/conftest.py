@@ -1,0 +1,38 @@
+"""Shared test fixtures: a quiet offline environment and one local Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Offline, no telemetry, Ray bound to loopback without auth (see README "Environment").
+for key, value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A real local Ray instance shared by the tests that need one (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
