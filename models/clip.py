@@ -1,0 +1,275 @@
+"""CLIP encoders for unCLIP, on top of open_clip (pure PyTorch: no Ray, no MLflow).
+
+Three ways to get a model, all through `load_clip`:
+
+    load_clip("ViT-L-14", pretrained="openai")                 # a named open_clip model + tag
+    load_clip("ViT-B-32", pretrained="/data/vitb32.safetensors")  # a named architecture, local weights
+    load_clip(arch=TINY_CLIP_ARCH)                             # a custom architecture dict (or JSON
+                                                               # file), random init unless `pretrained`
+
+What unCLIP needs from CLIP, exposed on `ClipEncoder`:
+
+- `encode_image(images)` / `encode_text(tokens)`: L2-normalised embeddings z_i, z_t.
+- `encode_text_with_hidden(tokens)`: z_t plus the per-token hidden states of the text tower (the
+  output of its final LayerNorm, `ln_final`, before pooling and projection) that the prior and the
+  decoder condition on.
+- `tokenize(captions)` / `decode_tokens(tokens)`, `context_length`, `embed_dim`, `text_width`.
+- `preprocess` (PIL → normalised float tensor, open_clip's eval transform), split into
+  `preprocess_uint8` (PIL → resized, cropped RGB uint8 array, HWC) and `normalize` (uint8 batch →
+  float tensor) so that decoding and resizing can run apart from the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import open_clip
+from open_clip.transformer import TextTransformer, text_global_pool
+
+# A tiny open_clip architecture for tests and the demo (about 3.5M parameters, 1.6M of which are the
+# token embedding of the standard 49408-token BPE vocabulary). 32 px images, 32 text tokens.
+TINY_CLIP_ARCH: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+class ClipError(RuntimeError):
+    """A CLIP model could not be built or loaded; the message says what to change."""
+
+
+class ClipWeightsUnavailable(ClipError):
+    """Pretrained weights are neither cached locally nor downloadable (e.g. offline)."""
+
+
+def _read_arch(arch: dict | str | os.PathLike) -> dict:
+    if isinstance(arch, dict):
+        cfg = deepcopy(arch)
+    else:
+        path = Path(arch)
+        if not path.is_file():
+            raise ClipError(f"CLIP architecture file {path} does not exist; pass an open_clip model config "
+                            "dict or a JSON file with keys embed_dim, vision_cfg, text_cfg")
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as e:
+            raise ClipError(f"CLIP architecture file {path} is not valid JSON: {e}") from e
+    cfg = cfg.get("model_cfg", cfg)  # accept open_clip's open_clip_config.json layout too
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
+    if missing:
+        raise ClipError(f"CLIP architecture config lacks {sorted(missing)}; an open_clip model config has "
+                        "embed_dim, vision_cfg and text_cfg (see models.clip.TINY_CLIP_ARCH)")
+    return cfg
+
+
+def _weights_hint(model_name: str, pretrained: str) -> str:
+    return (
+        f"Pretrained CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and could not be "
+        "downloaded (offline?). Either download them once on a machine with internet access, e.g. "
+        f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` "
+        "(they land in the Hugging Face cache, ~/.cache/huggingface, or HF_HOME), and copy that cache here; "
+        "or save the state dict as a .safetensors file and set the CLIP `pretrained` option to its path, "
+        f"e.g. pretrained: /models/{model_name}.safetensors."
+    )
+
+
+def _build_model(model_name: str | None, pretrained: str | None, arch: dict | str | os.PathLike | None,
+                 device: str | torch.device, precision: str, context_length: int | None) -> torch.nn.Module:
+    if pretrained is not None and pretrained.endswith((".pt", ".pth", ".bin", ".ckpt")) and Path(pretrained).exists():
+        raise ClipError(f"{pretrained}: refusing to load a pickled checkpoint; convert it to safetensors once "
+                        "(`safetensors.torch.save_file(state_dict, 'model.safetensors')`) and pass that path")
+    if arch is not None:
+        cfg = _read_arch(arch)
+        if context_length is not None:
+            cfg["text_cfg"]["context_length"] = context_length
+        custom_text = bool(cfg.pop("custom_text", False))
+        cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+        try:
+            model = cls(**cfg, cast_dtype=open_clip.get_cast_dtype(precision))
+        except TypeError as e:
+            raise ClipError(f"invalid CLIP architecture config: {e}") from e
+        if pretrained is not None:
+            if not Path(pretrained).is_file():
+                raise ClipError(f"CLIP weights file {pretrained} does not exist (with a custom `arch`, "
+                                "`pretrained` must be a local .safetensors file or unset for random init)")
+            try:
+                open_clip.load_checkpoint(model, pretrained, strict=True)
+            except RuntimeError as e:
+                raise ClipError(f"CLIP weights {pretrained} do not match the architecture config: {e}") from e
+        model.to(device)
+        if precision in ("fp16", "bf16"):
+            model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+        size = model.visual.image_size
+        open_clip.set_model_preprocess_cfg(model, {
+            "size": size, "mode": "RGB", "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
+            "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0})
+        return model
+
+    if not model_name:
+        raise ClipError("give a CLIP model name (e.g. 'ViT-L-14') or a custom `arch` config")
+    name = model_name.replace("/", "-")
+    if open_clip.get_model_config(name) is None and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ClipError(f"unknown open_clip model {model_name!r}; known names: {', '.join(open_clip.list_models())}")
+    is_tag = pretrained is not None and open_clip.get_pretrained_cfg(name, pretrained) != {}
+    if pretrained is not None and not is_tag and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ClipError(f"CLIP pretrained={pretrained!r} for {model_name!r} is neither a known tag ({tags}) "
+                        "nor an existing local weights file")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision,
+                                      force_context_length=context_length, weights_only=True)
+    except RuntimeError as e:
+        if is_tag and "download" in str(e).lower():
+            raise ClipWeightsUnavailable(_weights_hint(model_name, pretrained)) from e
+        raise ClipError(f"could not build CLIP {model_name!r} with pretrained={pretrained!r}: {e}") from e
+
+
+class ClipEncoder(torch.nn.Module):
+    """A frozen open_clip model with the calls unCLIP needs. Build it with `load_clip`."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "clip"):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.embed_dim: int = int(self._embed_dim())
+        self.context_length: int = int(model.context_length)
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg["size"]
+        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = open_clip.image_transform(
+            size, is_train=False, mean=cfg["mean"], std=cfg["std"], resize_mode=cfg.get("resize_mode"),
+            interpolation=cfg.get("interpolation"), fill_color=cfg.get("fill_color", 0))
+        steps = list(self.preprocess.transforms)
+        cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+        self._pil_steps = steps[:cut]
+        self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def _embed_dim(self) -> int:
+        visual = self.model.visual
+        if getattr(visual, "output_dim", None):
+            return visual.output_dim
+        with torch.no_grad():
+            return self.model.encode_text(torch.zeros(1, self.model.context_length, dtype=torch.long)).shape[-1]
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.ln_final.normalized_shape[0] if hasattr(self.model, "ln_final")
+                   else self.model.text.ln_final.normalized_shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- images -----------------------------------------------------------------------------
+    def preprocess_uint8(self, image: Image.Image) -> np.ndarray:
+        """Resize + center-crop + RGB, as open_clip's eval transform does; (H, W, 3) uint8."""
+        for step in self._pil_steps:
+            image = step(image)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 → (B, 3, H, W) float, normalised like open_clip's ToTensor + Normalize."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch warns on read-only arrays (e.g. zero-copy from Arrow)
+        x = torch.as_tensor(images).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised float images → (B, embed_dim) unit-norm float32."""
+        dtype = next(self.model.visual.parameters()).dtype
+        return F.normalize(self.model.encode_image(images.to(self.device, dtype)).float(), dim=-1)
+
+    # --- text -------------------------------------------------------------------------------
+    def tokenize(self, captions: str | Sequence[str]) -> torch.Tensor:
+        """(B, context_length) int64 BPE tokens, truncated to the context (end token kept)."""
+        return self.tokenizer([captions] if isinstance(captions, str) else list(captions))
+
+    def decode_tokens(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> str:
+        """Inverse of `tokenize` for one row (start/end/padding tokens dropped)."""
+        ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        ids = [t for t in ids if t not in (0, sot)]
+        if eot in ids:
+            ids = ids[: ids.index(eot)]
+        return self.tokenizer.decode(ids).strip()
+
+    @torch.no_grad()
+    def encode_text_with_hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit-norm text embedding (B, embed_dim), final-LayerNorm hidden states (B, L, text_width)).
+
+        Follows open_clip's `CLIP.encode_text`: token + positional embedding, causal transformer,
+        `ln_final`; the embedding is the pooled (argmax = end token) state times `text_projection`.
+        """
+        m = self.model
+        tokens = tokens.to(self.device)
+        if isinstance(m, open_clip.CLIP):
+            cast = m.transformer.get_cast_dtype()
+            x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+            x = m.transformer(x, attn_mask=m.attn_mask)
+            hidden = m.ln_final(x)
+            pooled = text_global_pool(hidden, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+            proj = m.text_projection
+            if proj is not None:
+                pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+        elif isinstance(getattr(m, "text", None), TextTransformer) and m.text.cls_emb is None:
+            text = m.text
+            previous, text.output_tokens = text.output_tokens, True
+            try:
+                pooled, hidden = text(tokens)
+            finally:
+                text.output_tokens = previous
+        else:
+            raise ClipError(f"per-token text states are not supported for {type(m).__name__} text towers "
+                            "(supported: open_clip CLIP and CustomTextCLIP with a TextTransformer)")
+        return F.normalize(pooled.float(), dim=-1), hidden.float()
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens → (B, embed_dim) unit-norm float32 text embeddings."""
+        return F.normalize(self.model.encode_text(tokens.to(self.device)).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_text_with_hidden(tokens)[1]
+
+
+def load_clip(model_name: str | None = None, pretrained: str | None = None, *,
+              arch: dict | str | os.PathLike | None = None, device: str | torch.device = "cpu",
+              precision: str = "fp32", context_length: int | None = None) -> ClipEncoder:
+    """Build a frozen `ClipEncoder`.
+
+    model_name + pretrained tag: open_clip's weights (downloaded or from the HF cache);
+    model_name + pretrained path: a local weights file (.safetensors; pickles are refused);
+    arch (dict or JSON file): a custom open_clip architecture, random init unless `pretrained` is a path.
+    """
+    model = _build_model(model_name, pretrained, arch, device, precision, context_length)
+    label = "custom" if arch is not None else model_name
+    return ClipEncoder(model, name=f"{label}/{pretrained or 'random'}")
+
+
+def save_clip_weights(encoder: ClipEncoder, path: str | os.PathLike) -> Path:
+    """Write the open_clip state dict as safetensors (loadable with `load_clip(..., pretrained=path)`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,112 @@
+"""models.clip: loading paths, embeddings, per-token states, tokenizer, preprocessing split."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from models.clip import TINY_CLIP_ARCH, ClipError, ClipWeightsUnavailable, load_clip, save_clip_weights
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_clip(arch=TINY_CLIP_ARCH)
+
+
+def _image(seed: int, size=(48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+def test_tiny_properties(clip):
+    assert clip.embed_dim == 64 and clip.context_length == 32 and clip.image_size == 32 and clip.text_width == 64
+
+
+def test_embeddings_unit_norm_and_match_open_clip(clip):
+    images = torch.stack([clip.preprocess(_image(i)) for i in range(3)])
+    z_i = clip.encode_image(images)
+    assert torch.allclose(z_i.norm(dim=-1), torch.ones(3), atol=1e-5)
+    ref = clip.model.encode_image(images, normalize=True)
+    assert torch.allclose(z_i, ref, atol=1e-6)
+    tokens = clip.tokenize(["a red circle", "a small blue square left of a green star"])
+    z_t = clip.encode_text(tokens)
+    assert torch.allclose(z_t, clip.model.encode_text(tokens, normalize=True), atol=1e-6)
+
+
+def test_hidden_states_are_ln_final_output(clip):
+    tokens = clip.tokenize(["a red circle", "two yellow triangles"])
+    captured = {}
+    handle = clip.model.ln_final.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    try:
+        reference = clip.model.encode_text(tokens, normalize=True)
+    finally:
+        handle.remove()
+    z_t, hidden = clip.encode_text_with_hidden(tokens)
+    assert hidden.shape == (2, clip.context_length, clip.text_width)
+    torch.testing.assert_close(hidden, captured["out"].float())
+    torch.testing.assert_close(z_t, reference)
+    # the embedding is the end-token state projected: hidden states carry what encode_text pools
+    eot = tokens.argmax(dim=-1)
+    pooled = hidden[torch.arange(2), eot] @ clip.model.text_projection
+    torch.testing.assert_close(torch.nn.functional.normalize(pooled, dim=-1), z_t)
+
+
+def test_tokens_decode_to_caption(clip):
+    caption = "a small red circle left of a blue square"
+    tokens = clip.tokenize(caption)
+    assert tokens.shape == (1, 32)
+    assert clip.decode_tokens(tokens[0]) == caption
+
+
+def test_preprocess_split_equals_open_clip_transform(clip):
+    image = _image(7, size=(50, 37))
+    ref = open_clip.image_transform(32, is_train=False)(image)
+    arr = clip.preprocess_uint8(image)
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    torch.testing.assert_close(clip.normalize(arr[None])[0], ref, atol=1e-6, rtol=0)
+
+
+def test_local_safetensors_checkpoint_round_trip(clip, tmp_path):
+    path = save_clip_weights(clip, tmp_path / "tiny.safetensors")
+    torch.manual_seed(123)  # a different random init, overwritten by the file
+    loaded = load_clip(arch=TINY_CLIP_ARCH, pretrained=str(path))
+    tokens = clip.tokenize(["a green star"])
+    torch.testing.assert_close(loaded.encode_text(tokens), clip.encode_text(tokens))
+    # an arch given as a JSON file works the same
+    import json
+
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(TINY_CLIP_ARCH))
+    again = load_clip(arch=arch_file, pretrained=str(path))
+    torch.testing.assert_close(again.encode_text(tokens), clip.encode_text(tokens))
+
+
+def test_mismatched_weights_file_is_a_clear_error(clip, tmp_path):
+    path = save_clip_weights(clip, tmp_path / "tiny.safetensors")
+    other = {**TINY_CLIP_ARCH, "embed_dim": 32}
+    with pytest.raises(ClipError, match="do not match"):
+        load_clip(arch=other, pretrained=str(path))
+
+
+def test_missing_pretrained_weights_offline_says_how_to_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(ClipWeightsUnavailable, match=r"safetensors file.*pretrained"):
+        load_clip("ViT-B-32", pretrained="openai")
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    with pytest.raises(ClipError, match="unknown open_clip model 'ViT-Q-99'"):
+        load_clip("ViT-Q-99", pretrained=None)
+    with pytest.raises(ClipError, match="neither a known tag"):
+        load_clip("ViT-B-32", pretrained=str(tmp_path / "nope.safetensors"))
+    pickled = tmp_path / "weights.pt"
+    pickled.write_bytes(b"not really")
+    with pytest.raises(ClipError, match="pickled"):
+        load_clip(arch=TINY_CLIP_ARCH, pretrained=str(pickled))
+    with pytest.raises(ClipError, match="lacks"):
+        load_clip(arch={"embed_dim": 8})
