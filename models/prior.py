@@ -1,0 +1,346 @@
+"""Diffusion prior P(z_i | y) (paper section 2.2), built on diffusers' `PriorTransformer`.
+
+The network is diffusers' `PriorTransformer` (the one Karlo and Kandinsky ship), held as the
+submodule `self.transformer`, so a directory written by `PriorTransformer.save_pretrained`
+(e.g. Karlo's `prior/`) can be the starting point: `DiffusionPrior.from_diffusers(path)`.
+What diffusers does not have is here: the training objective with text dropout and learned null
+states, classifier-free guidance, and best-of-`candidates` sampling.
+
+Sequence (diffusers' order, the paper's order):
+    [text token states (text_len), z_t, timestep embedding, noised z_i, final query] -> clean z_i
+
+Embedding scaling lives in one place, `to_latent` / `from_latent`: the diffusion runs on
+x = (z_i - clip_mean) / clip_std with `clip_mean`, `clip_std` the PriorTransformer's own
+(frozen) parameters. For our models they start as mean 0, std 1/sqrt(embed_dim), i.e.
+x = z_i * sqrt(embed_dim) (what DALLE2-pytorch does: a unit-norm z_i gets unit variance per
+component, the scale the noise schedule assumes). For Karlo weights they are Karlo's per-dimension
+statistics, loaded with the checkpoint (that is what diffusers' `post_process_latents` applies).
+z_t and the text token states are fed as given (L2-normalised z_t in our data contract).
+
+Pitfall handled here: `PriorTransformer` applies its causal mask only when `attention_mask` is
+passed, so `forward` always passes one (all ones when the caller has no text mask).
+
+Guidance convention (diffusers', Karlo's): x0 = uncond + s * (cond - uncond)
+                                               = cond + (s - 1) * (cond - uncond); s = 1 is cond.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
+from torch import nn
+from torch.nn import functional as F
+
+from models.checkpoint import migration, register
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class PriorConfig:
+    embed_dim: int = 768  # CLIP embedding width (z_i and z_t)
+    text_dim: int = 768  # width of the caption token states; projected to embed_dim if different
+    text_len: int = 77  # caption tokens (shorter inputs are padded and masked)
+    num_heads: int = 12
+    head_dim: int = 64  # model width = num_heads * head_dim
+    num_layers: int = 12
+    dropout: float = 0.0
+    norm_in: bool = False  # LayerNorm before the blocks (diffusers `norm_in_type="layer"`)
+    text_drop_prob: float = 0.1  # paper: text conditioning dropped 10% of the time
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine schedule (paper, Karlo)
+    clip_sample_range: float | None = None  # clamp predicted latents to +-range when sampling
+
+    def __post_init__(self):
+        for name in ("embed_dim", "text_dim", "text_len", "num_heads", "head_dim", "num_layers", "num_train_timesteps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.text_drop_prob < 1.0:
+            raise ValueError(f"PriorConfig.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(f"PriorConfig.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {self.beta_schedule!r}")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+# Named sizes. tiny: tests and demo (CPU, seconds). small: a CPU-trainable prior (~25M).
+# base: Karlo's prior (diffusers config of kakaobrain/karlo-v1-alpha, ~1B with ViT-L/14 CLIP).
+# paper: appendix C says 1B parameters for ViT-H/16 CLIP (1024-d); layout assumed Karlo-like.
+SIZES: dict[str, PriorConfig] = {
+    "tiny": PriorConfig(embed_dim=32, text_dim=32, text_len=8, num_heads=2, head_dim=32, num_layers=2),
+    "small": PriorConfig(embed_dim=512, text_dim=512, text_len=77, num_heads=8, head_dim=64, num_layers=6),
+    "base": PriorConfig(embed_dim=768, text_dim=768, text_len=77, num_heads=32, head_dim=64, num_layers=20),
+    "paper": PriorConfig(embed_dim=1024, text_dim=1024, text_len=77, num_heads=32, head_dim=64, num_layers=20),
+}
+
+
+def prior_config(size: str, **overrides) -> PriorConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown prior size {size!r}; known: {sorted(SIZES)}")
+    return replace(SIZES[size], **overrides)
+
+
+def make_scheduler(config: PriorConfig, sampler: str = "ddim"):
+    """The diffusers scheduler we rely on: x0 ("sample") prediction, trailing timesteps (the first
+    sampling step is the noisiest training step, as in Karlo's UnCLIPScheduler), optional clamp."""
+    kwargs = dict(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type="sample",
+        clip_sample=config.clip_sample_range is not None,
+        clip_sample_range=config.clip_sample_range or 1.0,
+        timestep_spacing="trailing",
+    )
+    if sampler == "ddpm":
+        return DDPMScheduler(variance_type="fixed_small", **kwargs)
+    if sampler == "ddim":
+        return DDIMScheduler(set_alpha_to_one=True, **kwargs)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + s (cond - uncond); s = 1 returns cond."""
+    return uncond + scale * (cond - uncond)
+
+
+@register("prior.DiffusionPrior", format_version=1)
+class DiffusionPrior(nn.Module):
+    config_class = PriorConfig
+
+    def __init__(self, config: PriorConfig, transformer: PriorTransformer | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        if transformer is None:
+            transformer = PriorTransformer(
+                num_attention_heads=c.num_heads,
+                attention_head_dim=c.head_dim,
+                num_layers=c.num_layers,
+                embedding_dim=c.embed_dim,
+                num_embeddings=c.text_len,
+                additional_embeddings=4,  # z_t, timestep, noised z_i, final query
+                dropout=c.dropout,
+                norm_in_type="layer" if c.norm_in else None,
+            )
+            # diffusers initialises clip_std to zeros ("unset"); ours: x = z * sqrt(dim).
+            with torch.no_grad():
+                transformer.clip_mean.zero_()
+                transformer.clip_std.fill_(1.0 / math.sqrt(c.embed_dim))
+        self.transformer = transformer
+        # Normalisation statistics are data statistics, not trained weights.
+        transformer.clip_mean.requires_grad_(False)
+        transformer.clip_std.requires_grad_(False)
+        # PriorTransformer projects token states of width embedding_dim; adapt other text widths.
+        self.text_in = nn.Linear(c.text_dim, c.embed_dim) if c.text_dim != c.embed_dim else None
+        # Learned null conditioning for classifier-free guidance (set_null_condition can fill it
+        # with an encoded empty caption, which is what Karlo's pipeline uses as "unconditional").
+        self.null_text_states = nn.Parameter(torch.zeros(c.text_len, c.text_dim))
+        self.null_text_emb = nn.Parameter(torch.zeros(c.embed_dim))
+        self._scheduler = None  # training noise schedule, built on first use
+
+    # ----- the one place where embeddings are scaled -----
+    def to_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.transformer.clip_mean) / self.transformer.clip_std
+
+    def from_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.transformer.clip_std + self.transformer.clip_mean
+
+    # ----- conditioning -----
+    def prepare_text(self, text_states: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad caption token states to text_len; return (states [B, L, text_dim], bool mask [B, L])."""
+        c = self.config
+        if text_states.ndim != 3 or text_states.shape[-1] != c.text_dim:
+            raise ValueError(f"text_states must be [batch, tokens, {c.text_dim}], got {tuple(text_states.shape)}")
+        b, n, _ = text_states.shape
+        if n > c.text_len:
+            raise ValueError(f"text_states has {n} tokens, more than this prior's text_len={c.text_len}")
+        if text_mask is None:
+            text_mask = torch.ones(b, n, dtype=torch.bool, device=text_states.device)
+        if text_mask.shape != (b, n):
+            raise ValueError(f"text_mask must be [{b}, {n}] like text_states, got {tuple(text_mask.shape)}")
+        text_mask = text_mask.bool()
+        if n < c.text_len:
+            text_states = F.pad(text_states, (0, 0, 0, c.text_len - n))
+            text_mask = F.pad(text_mask, (0, c.text_len - n), value=False)
+        return text_states, text_mask
+
+    def drop_condition(self, text_emb, text_states, text_mask, drop: torch.Tensor):
+        """Replace the text condition of rows where `drop` is True with the learned null states."""
+        d = drop.view(-1, 1)
+        text_emb = torch.where(d, self.null_text_emb.to(text_emb.dtype), text_emb)
+        text_states = torch.where(d[..., None], self.null_text_states.to(text_states.dtype), text_states)
+        text_mask = text_mask | d  # the null states are all "real" tokens
+        return text_emb, text_states, text_mask
+
+    @torch.no_grad()
+    def set_null_condition(self, text_emb: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor | None = None):
+        """Use an encoded empty caption as the null condition (e.g. before fine-tuning Karlo)."""
+        states, mask = self.prepare_text(text_states.reshape(1, -1, self.config.text_dim), None if text_mask is None else text_mask.reshape(1, -1))
+        self.null_text_states.copy_(states[0] * mask[0, :, None])
+        self.null_text_emb.copy_(text_emb.reshape(-1))
+
+    # ----- network -----
+    def forward(self, x_t, t, text_emb, text_states, text_mask=None) -> torch.Tensor:
+        """Predict the clean latent x0 from the noised latent x_t [B, D] at integer steps t [B]."""
+        c = self.config
+        if x_t.ndim != 2 or x_t.shape[-1] != c.embed_dim:
+            raise ValueError(f"x_t must be [batch, {c.embed_dim}], got {tuple(x_t.shape)}")
+        if text_emb.shape != x_t.shape:
+            raise ValueError(f"text_emb must be {tuple(x_t.shape)} like x_t, got {tuple(text_emb.shape)}")
+        text_states, text_mask = self.prepare_text(text_states, text_mask)
+        if self.text_in is not None:
+            text_states = self.text_in(text_states)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return self.transformer(
+            hidden_states=x_t,
+            timestep=t,
+            proj_embedding=text_emb,
+            encoder_hidden_states=text_states,
+            attention_mask=text_mask,  # always passed: it switches on the causal mask
+        ).predicted_image_embedding
+
+    # ----- training -----
+    def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
+        """MSE between predicted and true clean latent (paper: L = E||f(z_i^(t), t, y) - z_i||^2),
+        with t ~ U{0..T-1}, Gaussian noise and text dropout drawn here."""
+        b, device = image_emb.shape[0], image_emb.device
+        text_states, text_mask = self.prepare_text(text_states, text_mask)
+        x0 = self.to_latent(image_emb)
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), device=device, generator=generator)
+        noise = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
+        x_t = self._train_scheduler().add_noise(x0, noise, t)
+        drop = torch.rand(b, device=device, generator=generator) < self.config.text_drop_prob
+        text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop)
+        pred = self(x_t, t, text_emb, text_states, text_mask)
+        return F.mse_loss(pred, x0)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Batch keys: image_emb [B, D], text_emb [B, D], text_states [B, L, text_dim],
+        optional text_mask [B, L] (True = real token)."""
+        missing = {"image_emb", "text_emb", "text_states"} - set(batch)
+        if missing:
+            raise KeyError(f"prior batch is missing {sorted(missing)}; it has {sorted(batch)}")
+        return self.training_loss(batch["image_emb"], batch["text_emb"], batch["text_states"], batch.get("text_mask"), generator)
+
+    def _train_scheduler(self) -> DDPMScheduler:
+        if self._scheduler is None:
+            self._scheduler = make_scheduler(self.config, "ddpm")
+        return self._scheduler
+
+    # ----- sampling -----
+    def guided_x0(self, x_t, t, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
+        """x0 prediction with classifier-free guidance (one batched forward for cond and uncond)."""
+        if guidance_scale == 1.0:
+            return self(x_t, t, text_emb, text_states, text_mask)
+        text_states, text_mask = self.prepare_text(text_states, text_mask)
+        drop = torch.zeros(2 * x_t.shape[0], dtype=torch.bool, device=x_t.device)
+        drop[x_t.shape[0]:] = True
+        emb, states, mask = self.drop_condition(
+            text_emb.repeat(2, 1), text_states.repeat(2, 1, 1), text_mask.repeat(2, 1), drop
+        )
+        cond, uncond = self(x_t.repeat(2, 1), t, emb, states, mask).chunk(2)
+        return cfg_combine(cond, uncond, guidance_scale)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_emb: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        steps: int = 64,
+        sampler: str = "ddim",
+        guidance_scale: float = 1.0,
+        candidates: int = 2,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Draw z_i [B, D] for each caption; of `candidates` draws keep the one with the highest
+        dot product with z_t (paper section 2.2). normalize: L2-normalise the result (our data
+        contract; switch off for Karlo, whose decoder takes unnormalised embeddings)."""
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        b = text_emb.shape[0]
+        text_states, text_mask = self.prepare_text(text_states, text_mask)
+        emb = text_emb.repeat_interleave(candidates, 0)
+        states = text_states.repeat_interleave(candidates, 0)
+        mask = text_mask.repeat_interleave(candidates, 0)
+        denoise = lambda x, t: self.guided_x0(x, t, emb, states, mask, guidance_scale)  # noqa: E731
+        x = sample_loop(denoise, make_scheduler(self.config, sampler), emb.shape, steps, emb.device, emb.dtype, eta, generator)
+        z = self.from_latent(x)
+        if normalize:
+            z = F.normalize(z, dim=-1)
+        return best_of(z.view(b, candidates, -1), text_emb)
+
+    # ----- diffusers interop -----
+    @classmethod
+    def from_diffusers(cls, source: str | Path | PriorTransformer, text_dim: int | None = None, **overrides) -> "DiffusionPrior":
+        """Wrap a diffusers PriorTransformer (a module or a `save_pretrained` directory).
+
+        Only the layout diffusers uses for unCLIP is accepted: 4 additional embeddings with the
+        final "prd" query token. A PriorTransformer whose clip_std was never set (all zeros, the
+        diffusers init) gets our default scaling 1/sqrt(embed_dim)."""
+        transformer = source if isinstance(source, PriorTransformer) else PriorTransformer.from_pretrained(str(source))
+        d = transformer.config
+        if d.additional_embeddings != 4 or d.added_emb_type != "prd" or d.encoder_hid_proj_type != "linear":
+            raise ValueError(
+                "only unCLIP-layout PriorTransformers load (additional_embeddings=4, added_emb_type='prd', "
+                f"encoder_hid_proj_type='linear'); got {d.additional_embeddings}, {d.added_emb_type!r}, {d.encoder_hid_proj_type!r}"
+            )
+        if (d.embedding_proj_dim or d.embedding_dim) != d.embedding_dim or (d.clip_embed_dim or d.embedding_dim) != d.embedding_dim:
+            raise ValueError("PriorTransformer with embedding_proj_dim/clip_embed_dim != embedding_dim is not supported")
+        if d.norm_in_type not in (None, "layer") or d.embedding_proj_norm_type is not None:
+            raise ValueError(f"unsupported PriorTransformer norms: norm_in_type={d.norm_in_type!r}, embedding_proj_norm_type={d.embedding_proj_norm_type!r}")
+        config = PriorConfig(
+            embed_dim=d.embedding_dim,
+            text_dim=text_dim or d.embedding_dim,
+            text_len=d.num_embeddings,
+            num_heads=d.num_attention_heads,
+            head_dim=d.attention_head_dim,
+            num_layers=d.num_layers,
+            dropout=d.dropout,
+            norm_in=d.norm_in_type == "layer",
+            **overrides,
+        )
+        if not torch.any(transformer.clip_std != 0):
+            with torch.no_grad():
+                transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
+        return cls(config, transformer=transformer)
+
+
+def sample_loop(denoise: Callable, scheduler, shape, steps: int, device, dtype, eta: float = 0.0, generator=None) -> torch.Tensor:
+    """Run a diffusers scheduler from pure noise with an x0-predicting `denoise(x, t)`."""
+    if steps < 1 or steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {scheduler.config.num_train_timesteps}], got {steps}")
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for t in scheduler.timesteps:
+        x0 = denoise(x, t)
+        x = scheduler.step(x0, t, x, generator=generator, **extra).prev_sample
+    return x
+
+
+def best_of(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """candidates [B, C, D] -> [B, D]: the candidate with the highest dot product with z_t."""
+    score = torch.einsum("bcd,bd->bc", candidates, text_emb.to(candidates.dtype))
+    index = score.argmax(dim=1)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
+
+
+@migration("prior.DiffusionPrior", from_version=0)
+def _prior_v0_to_v1(config: dict) -> dict:
+    """Format 0 (the first draft of this class) named the CLIP width `clip_dim` and had no
+    `text_drop_prob` (it always dropped 10%). Kept as the worked example of a migration."""
+    config = dict(config)
+    if "clip_dim" in config:
+        config["embed_dim"] = config.pop("clip_dim")
+    config.setdefault("text_drop_prob", 0.1)
+    return config

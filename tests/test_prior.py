@@ -1,0 +1,258 @@
+"""Diffusion prior: shapes, training objective, guidance, sampler configuration, checkpoints,
+and loading diffusers-format PriorTransformer weights (diffusers is the reference)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
+from torch.nn import functional as F
+
+from models import checkpoint
+from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_scheduler, prior_config
+
+TINY = SIZES["tiny"]
+
+
+def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random values everywhere (diffusers zero-initialises some parameters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _data(n: int, config: PriorConfig = TINY, tokens: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = tokens or config.text_len
+    return {
+        "image_emb": F.normalize(torch.randn(n, config.embed_dim, generator=g), dim=-1),
+        "text_emb": F.normalize(torch.randn(n, config.embed_dim, generator=g), dim=-1),
+        "text_states": torch.randn(n, tokens, config.text_dim, generator=g),
+    }
+
+
+def test_shapes_and_input_errors():
+    torch.manual_seed(0)
+    model = DiffusionPrior(replace(TINY, text_dim=24))  # text width != embed width goes through text_in
+    d = _data(3, model.config, tokens=5)  # fewer tokens than text_len: padded and masked
+    x = torch.randn(3, TINY.embed_dim)
+    assert model(x, torch.tensor([0, 10, 999]), d["text_emb"], d["text_states"]).shape == (3, TINY.embed_dim)
+    loss = model.loss(d)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    z = model.sample(d["text_emb"], d["text_states"], steps=3, candidates=2, guidance_scale=2.0)
+    assert z.shape == (3, TINY.embed_dim)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+    with pytest.raises(ValueError, match="text_states"):
+        model(x, 0, d["text_emb"], torch.randn(3, TINY.text_len + 1, 24))
+    with pytest.raises(ValueError, match="x_t"):
+        model(torch.randn(3, 7), 0, d["text_emb"], d["text_states"])
+    with pytest.raises(KeyError, match="text_states"):
+        model.loss({"image_emb": d["image_emb"], "text_emb": d["text_emb"]})
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(d["text_emb"], d["text_states"], sampler="euler")
+    with pytest.raises(ValueError, match="text_drop_prob"):
+        PriorConfig(text_drop_prob=1.5)
+    with pytest.raises(ValueError, match="unknown prior size"):
+        prior_config("huge")
+    assert set(SIZES) >= {"tiny", "small", "base", "paper"}
+
+
+def test_causal_mask_is_applied():
+    """diffusers applies its causal mask only when attention_mask is passed; we always pass one,
+    so earlier tokens never see later ones: the text-token outputs ignore the noised z_i."""
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY).eval()
+    _perturb(model)
+    d = _data(2)
+    seen = []
+    hook = model.transformer.norm_out.register_forward_hook(lambda m, i, o: seen.append(o))
+    model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"])
+    model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"])
+    hook.remove()
+    L = TINY.text_len
+    torch.testing.assert_close(seen[0][:, : L + 2], seen[1][:, : L + 2])  # text, z_t, time: unchanged
+    assert not torch.allclose(seen[0][:, -1], seen[1][:, -1])  # the final query sees z_i
+
+
+def test_overfits_32_pairs():
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY)
+    d = _data(32, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(500):
+        loss = model.loss(d, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) < 0.2 * sum(losses[:20])
+    model.eval()
+    z = model.sample(d["text_emb"], d["text_states"], steps=16, candidates=1, generator=torch.Generator().manual_seed(0))
+    cos = F.cosine_similarity(z, d["image_emb"], dim=-1)
+    assert cos.mean() > 0.95, cos
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_text_dropout_rate(p):
+    """Count the rows whose conditioning reaching the transformer is the null condition."""
+    torch.manual_seed(0)
+    model = DiffusionPrior(replace(TINY, text_drop_prob=p))
+    with torch.no_grad():
+        model.null_text_emb.fill_(7.0)
+        model.null_text_states.fill_(-3.0)
+    seen = []
+    model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["proj_embedding"], kw["encoder_hidden_states"])), with_kwargs=True)
+    d = _data(4096)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4):
+            model.loss(d, generator=g)
+    emb = torch.cat([e for e, _ in seen])
+    states = torch.cat([s for _, s in seen])
+    dropped = (emb == 7.0).all(-1)
+    assert torch.equal(dropped, (states == -3.0).all(-1).all(-1))  # embedding and tokens dropped together
+    n = dropped.numel()
+    assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_guidance_combination():
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY).eval()
+    _perturb(model)
+    d = _data(3, tokens=5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    x, t = torch.randn(3, TINY.embed_dim), torch.tensor(321)
+    with torch.no_grad():
+        cond = model(x, t, d["text_emb"], d["text_states"], mask)
+        uncond = model(x, t, model.null_text_emb.expand(3, -1), model.null_text_states.expand(3, -1, -1))
+        assert not torch.allclose(cond, uncond)
+        torch.testing.assert_close(model.guided_x0(x, t, d["text_emb"], d["text_states"], mask, 1.0), cond)
+        for s in (0.0, 2.5, 4.0):
+            guided = model.guided_x0(x, t, d["text_emb"], d["text_states"], mask, s)
+            torch.testing.assert_close(guided, uncond + s * (cond - uncond), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(guided, cond + (s - 1) * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def _cosine_betas(T: int) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule, written out independently of diffusers."""
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=torch.float32)
+
+
+def test_scheduler_configuration_pinned():
+    config = TINY
+    for sampler, cls in (("ddim", DDIMScheduler), ("ddpm", DDPMScheduler)):
+        ours = make_scheduler(config, sampler)
+        assert type(ours) is cls
+        assert ours.config.prediction_type == "sample"
+        assert ours.config.clip_sample is False
+        assert ours.config.timestep_spacing == "trailing"
+        torch.testing.assert_close(ours.betas, _cosine_betas(1000), rtol=1e-4, atol=1e-6)
+        ours.set_timesteps(4)
+        assert ours.timesteps.tolist() == [999, 749, 499, 249]  # first step is the noisiest one
+    assert make_scheduler(config, "ddpm").config.variance_type == "fixed_small"
+    assert make_scheduler(config, "ddim").config.set_alpha_to_one is True
+    clipped = make_scheduler(replace(config, clip_sample_range=5.0), "ddim")
+    assert clipped.config.clip_sample is True and clipped.config.clip_sample_range == 5.0
+
+    # One DDIM (eta=0) step with an x0 prediction, by hand from the schedule.
+    ddim = make_scheduler(config, "ddim")
+    ddim.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x_t, x0 = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    abar = torch.cumprod(1 - _cosine_betas(1000).double(), 0)
+    a_t, a_prev = abar[749], abar[499]
+    eps = (x_t.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(ddim.step(x0, 749, x_t).prev_sample.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_candidates_keep_highest_dot():
+    zt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cands = torch.tensor([[[0.2, 0.9], [0.8, 0.1]], [[0.9, 0.3], [0.1, 0.5]]])
+    assert torch.equal(best_of(cands, zt), torch.tensor([[0.8, 0.1], [0.1, 0.5]]))
+
+    # Integration: candidates=2 picks, per caption, the better of the two draws that
+    # candidates=1 on the caption repeated twice produces from the same noise.
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY).eval()
+    _perturb(model)
+    d = _data(4)
+    both = model.sample(
+        d["text_emb"].repeat_interleave(2, 0), d["text_states"].repeat_interleave(2, 0),
+        steps=4, candidates=1, generator=torch.Generator().manual_seed(3),
+    ).view(4, 2, -1)
+    best = model.sample(d["text_emb"], d["text_states"], steps=4, candidates=2, generator=torch.Generator().manual_seed(3))
+    dots = (both * d["text_emb"][:, None]).sum(-1)
+    assert not torch.allclose(both[:, 0], both[:, 1])
+    torch.testing.assert_close(best, both[torch.arange(4), dots.argmax(1)])
+    assert ((best * d["text_emb"]).sum(-1) >= dots.min(1).values).all()
+
+
+def test_checkpoint_round_trip_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusionPrior(replace(TINY, text_dim=24, clip_sample_range=5.0)).eval()
+    _perturb(model)
+    checkpoint.save(model, tmp_path / "prior")
+    loaded = checkpoint.load(tmp_path / "prior").eval()
+    assert isinstance(loaded, DiffusionPrior) and loaded.config == model.config
+    d = _data(3, model.config)
+    x = torch.randn(3, TINY.embed_dim)
+    with torch.no_grad():
+        assert torch.equal(model(x, 17, d["text_emb"], d["text_states"]), loaded(x, 17, d["text_emb"], d["text_states"]))
+    kw = dict(steps=5, sampler="ddpm", guidance_scale=3.0)
+    a = model.sample(d["text_emb"], d["text_states"], generator=torch.Generator().manual_seed(1), **kw)
+    b = loaded.sample(d["text_emb"], d["text_states"], generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
+
+
+def test_old_format_config_migrates(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY)
+    checkpoint.save(model, tmp_path)
+    header = json.loads((tmp_path / checkpoint.CONFIG_NAME).read_text())
+    old = dict(header["config"])
+    old["clip_dim"] = old.pop("embed_dim")  # format 0 spelling
+    del old["text_drop_prob"]
+    (tmp_path / checkpoint.CONFIG_NAME).write_text(json.dumps({"class": header["class"], "format_version": 0, "config": old}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.config == TINY
+    assert asdict(loaded.config)["text_drop_prob"] == 0.1
+
+
+def test_loads_diffusers_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    reference = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=16, num_embeddings=6, additional_embeddings=4
+    ).eval()
+    _perturb(reference)
+    reference.save_pretrained(tmp_path / "prior")
+    ours = DiffusionPrior.from_diffusers(tmp_path / "prior").eval()
+    assert (ours.config.embed_dim, ours.config.text_len, ours.config.num_layers) == (16, 6, 2)
+    g = torch.Generator().manual_seed(0)
+    x, emb, states = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    t = torch.tensor([3, 500])
+    with torch.no_grad():
+        expected = reference(x, t, proj_embedding=emb, encoder_hidden_states=states, attention_mask=mask).predicted_image_embedding
+        torch.testing.assert_close(ours(x, t, emb, states, mask), expected, rtol=1e-5, atol=1e-6)
+        # The scaling is diffusers' post_process_latents (the perturbed clip_mean/std were loaded).
+        torch.testing.assert_close(ours.from_latent(x), reference.post_process_latents(x))
+        torch.testing.assert_close(ours.to_latent(ours.from_latent(x)), x, rtol=1e-4, atol=1e-4)
+    # and it trains and saves like one of ours
+    ours.train().loss({"image_emb": emb, "text_emb": emb, "text_states": states}).backward()
+    checkpoint.save(ours, tmp_path / "ours")
+    again = checkpoint.load(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x, t, emb, states, mask), ours.eval()(x, t, emb, states, mask))
+
+    bad = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16, num_embeddings=6, additional_embeddings=3)
+    with pytest.raises(ValueError, match="additional_embeddings"):
+        DiffusionPrior.from_diffusers(bad)
