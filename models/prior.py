@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
+from diffusers import PriorTransformer
 from torch import nn
 from torch.nn import functional as F
 
+from models import diffusion
 from models.checkpoint import migration, register
 
 SAMPLERS = ("ddpm", "ddim")
@@ -53,8 +53,8 @@ class PriorConfig:
     norm_in: bool = False  # LayerNorm before the blocks (diffusers `norm_in_type="layer"`)
     text_drop_prob: float = 0.1  # paper: text conditioning dropped 10% of the time
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # cosine schedule (paper, Karlo)
-    clip_sample_range: float | None = None  # clamp predicted latents to +-range when sampling
+    schedule: str = "cosine"  # noise schedule (models.diffusion.SCHEDULES); cosine as paper, Karlo
+    clip_sample: float | None = None  # clamp predicted latents to [-c, c] when sampling; None: off
 
     def __post_init__(self):
         for name in ("embed_dim", "text_dim", "text_len", "num_heads", "head_dim", "num_layers", "num_train_timesteps"):
@@ -62,15 +62,15 @@ class PriorConfig:
                 raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.text_drop_prob < 1.0:
             raise ValueError(f"PriorConfig.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
-        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ValueError(f"PriorConfig.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {self.beta_schedule!r}")
+        if self.schedule not in diffusion.SCHEDULES:
+            raise ValueError(f"PriorConfig.schedule must be one of {tuple(diffusion.SCHEDULES)}, got {self.schedule!r}")
 
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
 
 
-# Named sizes. tiny: tests and demo (CPU, seconds). small: a CPU-trainable prior (~25M).
+# Named sizes. tiny: tests and demo (0.12M, CPU, seconds). small: a CPU-trainable prior (21M).
 # base: Karlo's prior (diffusers config of kakaobrain/karlo-v1-alpha, ~1B with ViT-L/14 CLIP).
 # paper: appendix C says 1B parameters for ViT-H/16 CLIP (1024-d); layout assumed Karlo-like.
 SIZES: dict[str, PriorConfig] = {
@@ -88,26 +88,17 @@ def prior_config(size: str, **overrides) -> PriorConfig:
 
 
 def make_scheduler(config: PriorConfig, sampler: str = "ddim"):
-    """The diffusers scheduler we rely on: x0 ("sample") prediction, trailing timesteps (the first
-    sampling step is the noisiest training step, as in Karlo's UnCLIPScheduler), optional clamp."""
-    kwargs = dict(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
+    """The diffusers scheduler the prior samples with: x0 ("sample") prediction, the project's
+    pinned configuration (models.diffusion: trailing timesteps, so the first step is t = T-1)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return diffusion.make_scheduler(
+        sampler,
+        schedule=config.schedule,
         prediction_type="sample",
-        clip_sample=config.clip_sample_range is not None,
-        clip_sample_range=config.clip_sample_range or 1.0,
-        timestep_spacing="trailing",
+        num_train_timesteps=config.num_train_timesteps,
+        clip_sample=config.clip_sample,
     )
-    if sampler == "ddpm":
-        return DDPMScheduler(variance_type="fixed_small", **kwargs)
-    if sampler == "ddim":
-        return DDIMScheduler(set_alpha_to_one=True, **kwargs)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-
-
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + s (cond - uncond); s = 1 returns cond."""
-    return uncond + scale * (cond - uncond)
 
 
 @register("prior.DiffusionPrior", format_version=1)
@@ -143,7 +134,7 @@ class DiffusionPrior(nn.Module):
         # with an encoded empty caption, which is what Karlo's pipeline uses as "unconditional").
         self.null_text_states = nn.Parameter(torch.zeros(c.text_len, c.text_dim))
         self.null_text_emb = nn.Parameter(torch.zeros(c.embed_dim))
-        self._scheduler = None  # training noise schedule, built on first use
+        self.noise_schedule = make_scheduler(config, "ddpm")  # training-time q(x_t | x0)
 
     # ----- the one place where embeddings are scaled -----
     def to_latent(self, z: torch.Tensor) -> torch.Tensor:
@@ -213,13 +204,17 @@ class DiffusionPrior(nn.Module):
         b, device = image_emb.shape[0], image_emb.device
         text_states, text_mask = self.prepare_text(text_states, text_mask)
         x0 = self.to_latent(image_emb)
-        t = torch.randint(0, self.config.num_train_timesteps, (b,), device=device, generator=generator)
-        noise = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
-        x_t = self._train_scheduler().add_noise(x0, noise, t)
-        drop = torch.rand(b, device=device, generator=generator) < self.config.text_drop_prob
+        t = diffusion.sample_timesteps(b, self.noise_schedule, generator, device)
+        noise = diffusion.randn(x0.shape, generator, device, x0.dtype)
+        x_t = diffusion.add_noise(self.noise_schedule, x0, noise, t)
+        drop = self._draw_drop(b, generator, device)
         text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop)
         pred = self(x_t, t, text_emb, text_states, text_mask)
-        return F.mse_loss(pred, x0)
+        return F.mse_loss(pred, diffusion.training_target(self.noise_schedule, x0, noise, t))
+
+    def _draw_drop(self, b: int, generator, device) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else "cpu"
+        return (torch.rand(b, generator=generator, device=gen_device) < self.config.text_drop_prob).to(device)
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Batch keys: image_emb [B, D], text_emb [B, D], text_states [B, L, text_dim],
@@ -229,24 +224,22 @@ class DiffusionPrior(nn.Module):
             raise KeyError(f"prior batch is missing {sorted(missing)}; it has {sorted(batch)}")
         return self.training_loss(batch["image_emb"], batch["text_emb"], batch["text_states"], batch.get("text_mask"), generator)
 
-    def _train_scheduler(self) -> DDPMScheduler:
-        if self._scheduler is None:
-            self._scheduler = make_scheduler(self.config, "ddpm")
-        return self._scheduler
-
     # ----- sampling -----
-    def guided_x0(self, x_t, t, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
-        """x0 prediction with classifier-free guidance (one batched forward for cond and uncond)."""
-        if guidance_scale == 1.0:
-            return self(x_t, t, text_emb, text_states, text_mask)
+    def model_fn(self, text_emb, text_states, text_mask):
+        """The denoiser models.diffusion samples with: f(x, t, conditional) -> predicted x0."""
         text_states, text_mask = self.prepare_text(text_states, text_mask)
-        drop = torch.zeros(2 * x_t.shape[0], dtype=torch.bool, device=x_t.device)
-        drop[x_t.shape[0]:] = True
-        emb, states, mask = self.drop_condition(
-            text_emb.repeat(2, 1), text_states.repeat(2, 1, 1), text_mask.repeat(2, 1), drop
-        )
-        cond, uncond = self(x_t.repeat(2, 1), t, emb, states, mask).chunk(2)
-        return cfg_combine(cond, uncond, guidance_scale)
+        b = text_emb.shape[0]
+        null = self.drop_condition(text_emb, text_states, text_mask, torch.ones(b, dtype=torch.bool, device=text_emb.device))
+
+        def fn(x, t, conditional: bool = True):
+            return self(x, t, text_emb, text_states, text_mask) if conditional else self(x, t, *null)
+
+        return fn
+
+    def guided_x0(self, x_t, t, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
+        """x0 prediction with classifier-free guidance at `guidance_scale`."""
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return diffusion.guided(self.model_fn(text_emb, text_states, text_mask), guidance_scale)(x_t, t)
 
     @torch.no_grad()
     def sample(
@@ -272,8 +265,11 @@ class DiffusionPrior(nn.Module):
         emb = text_emb.repeat_interleave(candidates, 0)
         states = text_states.repeat_interleave(candidates, 0)
         mask = text_mask.repeat_interleave(candidates, 0)
-        denoise = lambda x, t: self.guided_x0(x, t, emb, states, mask, guidance_scale)  # noqa: E731
-        x = sample_loop(denoise, make_scheduler(self.config, sampler), emb.shape, steps, emb.device, emb.dtype, eta, generator)
+        x_T = diffusion.randn(emb.shape, generator, emb.device, emb.dtype)
+        x = diffusion.sample(
+            self.model_fn(emb, states, mask), make_scheduler(self.config, sampler), x_T, steps,
+            eta=eta, generator=generator, guidance_scale=guidance_scale,
+        )
         z = self.from_latent(x)
         if normalize:
             z = F.normalize(z, dim=-1)
@@ -313,19 +309,6 @@ class DiffusionPrior(nn.Module):
             with torch.no_grad():
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
-
-
-def sample_loop(denoise: Callable, scheduler, shape, steps: int, device, dtype, eta: float = 0.0, generator=None) -> torch.Tensor:
-    """Run a diffusers scheduler from pure noise with an x0-predicting `denoise(x, t)`."""
-    if steps < 1 or steps > scheduler.config.num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {scheduler.config.num_train_timesteps}], got {steps}")
-    scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    for t in scheduler.timesteps:
-        x0 = denoise(x, t)
-        x = scheduler.step(x0, t, x, generator=generator, **extra).prev_sample
-    return x
 
 
 def best_of(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

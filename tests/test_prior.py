@@ -159,7 +159,7 @@ def test_scheduler_configuration_pinned():
         assert ours.timesteps.tolist() == [999, 749, 499, 249]  # first step is the noisiest one
     assert make_scheduler(config, "ddpm").config.variance_type == "fixed_small"
     assert make_scheduler(config, "ddim").config.set_alpha_to_one is True
-    clipped = make_scheduler(replace(config, clip_sample_range=5.0), "ddim")
+    clipped = make_scheduler(replace(config, clip_sample=5.0), "ddim")
     assert clipped.config.clip_sample is True and clipped.config.clip_sample_range == 5.0
 
     # One DDIM (eta=0) step with an x0 prediction, by hand from the schedule.
@@ -198,7 +198,7 @@ def test_candidates_keep_highest_dot():
 
 def test_checkpoint_round_trip_bit_identical(tmp_path):
     torch.manual_seed(0)
-    model = DiffusionPrior(replace(TINY, text_dim=24, clip_sample_range=5.0)).eval()
+    model = DiffusionPrior(replace(TINY, text_dim=24, clip_sample=5.0)).eval()
     _perturb(model)
     checkpoint.save(model, tmp_path / "prior")
     loaded = checkpoint.load(tmp_path / "prior").eval()
