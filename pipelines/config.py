@@ -1,0 +1,119 @@
+"""The pipeline config: one pydantic model, loaded from YAML, with `--set a.b=c` overrides.
+
+Each stage's settings are the config class of its task module; this file only composes them.
+A bad config fails here, before any work starts, with the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.ingest import IngestConfig
+from tasks.synth import SynthConfig
+
+STAGE_ORDER = ("synth", "ingest")  # the DAG's topological order; pipelines.dag holds the edges
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the value and what is allowed."""
+
+
+class MlflowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db")
+    experiment: str = "unclip"
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS, else a local instance")
+    num_cpus: int | None = Field(None, ge=1, description="local instance only")
+    object_store_mb: int | None = Field(None, ge=64, description="local instance only")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "unclip"
+    storage: str = Field("outputs", description="root of every stage's output (local or shared file system path)")
+    seed: int = 0
+    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: list(STAGE_ORDER))  # type: ignore[valid-type]
+    progress: bool = True
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_and_unique(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"stages are listed more than once: {stages}")
+        return [s for s in STAGE_ORDER if s in stages]  # run order is the DAG's, whatever the listing
+
+    def stage_config(self, stage: str) -> BaseModel:
+        return getattr(self, stage)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    for override in overrides or []:
+        apply_override(data, override)
+    return validate(data, source=str(path))
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`a.b=c` sets data["a"]["b"] to c, with c parsed as YAML (so 3 is an int, [1, 2] a list)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set ingest.processes=1")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def validate(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    value = error.get("input")
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        section = _section_model(error["loc"][:-1])
+        allowed = ", ".join(sorted(section.model_fields)) if section else "see the docs"
+        return f"  {key}: unknown key (allowed here: {allowed})"
+    return f"  {key}: {message} (got {value!r})"
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

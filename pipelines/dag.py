@@ -1,0 +1,53 @@
+"""The workflow as data: stage name -> its inputs and its task function.
+
+Stages that are not built yet are simply not here. Order is `config.STAGE_ORDER`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
+from tasks import ingest, synth
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable  # task.run(stage_config, ctx) -> dict[str, float]
+    inputs: Callable[[PipelineConfig], tuple[str, ...]] = lambda cfg: ()
+    # Incremental stages keep their partial output across a crash or a grown input and do only
+    # what is missing; the others are wiped and redone whenever their manifest does not match.
+    incremental: bool = False
+    external_inputs: Callable[[PipelineConfig], list[str]] = field(default=lambda cfg: [])
+
+
+DAG: dict[str, Stage] = {
+    "synth": Stage("synth", synth.run),
+    "ingest": Stage(
+        "ingest",
+        ingest.run,
+        inputs=lambda cfg: () if cfg.ingest.url_list else ("synth",),
+        incremental=True,
+        external_inputs=lambda cfg: [cfg.ingest.url_list] if cfg.ingest.url_list else [],
+    ),
+}
+assert tuple(DAG) == STAGE_ORDER
+
+
+def plan(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> list[Stage]:
+    """The stages to consider, in order; checks that each one's inputs can exist."""
+    for name in [*(only or []), *([until] if until else [])]:
+        if name not in cfg.stages:
+            raise ConfigError(f"stage {name!r} is not in this config's stages {cfg.stages} (known stages: {list(STAGE_ORDER)})")
+    names = list(cfg.stages)
+    if until:
+        names = names[: names.index(until) + 1]
+    if only:
+        names = [n for n in names if n in only]
+    for name in names:
+        for needed in DAG[name].inputs(cfg):
+            if needed not in cfg.stages:
+                raise ConfigError(f"stage {name!r} needs the output of {needed!r}, which is not in stages {cfg.stages}")
+    return [DAG[n] for n in names]

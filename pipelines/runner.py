@@ -1,0 +1,180 @@
+"""Runs the planned stages in one Ray driver, with manifests for skip/resume and MLflow runs.
+
+Each stage writes under `<storage>/<stage>/` and then, atomically and last, `_manifest.json`.
+A stage whose manifest matches its config and its inputs' manifests is skipped. Otherwise its
+manifest is removed first (so partial output never looks complete) and it is redone: from
+scratch, or, for an incremental stage whose settings did not change, from where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from rich.console import Console
+
+from pipelines.config import PipelineConfig
+from pipelines.dag import Stage, plan
+from tasks.context import StageContext
+
+MANIFEST = "_manifest.json"
+STARTED = ".started"  # not *.json: img2dataset treats every json in its folder as a finished shard
+
+console = Console(stderr=True)
+
+
+class StageInputMissing(RuntimeError):
+    pass
+
+
+def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
+    stages = plan(cfg, only, until)
+    storage = Path(cfg.storage).absolute()
+    planned = {s.name for s in stages}
+    for stage in stages:
+        for name in stage.inputs(cfg):
+            if name not in planned and not (storage / name / MANIFEST).is_file():
+                raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {name}/{MANIFEST}); run it first, e.g. without --only")
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / "_pipeline").mkdir(exist_ok=True)
+    config_file = storage / "_pipeline" / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or f"sqlite:///{storage}/mlflow.db"
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    console.print(f"[bold]unclip[/] {cfg.name}: storage {storage}, MLflow {tracking_uri}")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
+
+    results: dict[str, dict[str, Any]] = {}
+    with mlflow.start_run(run_name=cfg.name) as parent:
+        mlflow.set_tags({"unclip.storage": str(storage), "unclip.stages": ",".join(s.name for s in stages)})
+        mlflow.log_artifact(str(config_file))
+        for stage in stages:
+            results[stage.name] = run_stage(stage, cfg, storage)
+        mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
+    console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
+    return results
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any]:
+    out_dir = storage / stage.name
+    inputs = {name: storage / name for name in stage.inputs(cfg)}
+    for name, path in inputs.items():
+        if not (path / MANIFEST).is_file():
+            raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {path / MANIFEST}); run it first, e.g. without --only")
+    stage_cfg = cfg.stage_config(stage.name)
+    config_hash = _digest(stage_cfg.model_dump(mode="json"))
+    fingerprint = _digest(
+        {
+            "stage": stage.name,
+            "config": config_hash,
+            "seed": cfg.seed,
+            "inputs": {name: manifest_digest(path) for name, path in sorted(inputs.items())},
+            "external": {uri: _checksum(uri) for uri in stage.external_inputs(cfg)},
+        }
+    )
+    previous = read_manifest(out_dir)
+    if previous and previous.get("fingerprint") == fingerprint:
+        console.print(f"[dim]⏭  {stage.name}: up to date (manifest matches), skipped[/]")
+        return {"status": "skipped", "counts": previous["counts"]}
+
+    resume = stage.incremental and out_dir.is_dir() and (out_dir / STARTED).is_file() and (out_dir / STARTED).read_text() == config_hash
+    if out_dir.exists() and not resume:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / STARTED).write_text(config_hash)
+    console.print(f"[bold cyan]▶  {stage.name}[/]" + (" (resuming: keeping finished parts)" if resume and any(out_dir.iterdir()) else ""))
+
+    ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
+    started = datetime.now(timezone.utc)
+    with mlflow.start_run(run_name=stage.name, nested=True):
+        mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
+        mlflow.set_tag("unclip.stage", stage.name)
+        t0 = time.perf_counter()
+        counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
+        duration = time.perf_counter() - t0
+        mlflow.log_metrics({**counts, "duration_s": duration})
+    write_manifest(
+        out_dir,
+        {
+            "stage": stage.name,
+            "fingerprint": fingerprint,
+            "config_hash": config_hash,
+            "inputs": {name: manifest_digest(path) for name, path in inputs.items()},
+            "counts": counts,
+            "package_version": version("unclip-pipeline"),
+            "started_at": started.isoformat(),
+            "duration_s": duration,
+        },
+    )
+    summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
+    console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
+    return {"status": "ran", "counts": counts}
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        object_store = cfg.ray.object_store_mb * 2**20 if cfg.ray.object_store_mb else None
+        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, include_dashboard=False)
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / MANIFEST).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / MANIFEST)
+    (out_dir / STARTED).unlink(missing_ok=True)
+
+
+def manifest_digest(out_dir: Path) -> str:
+    """What downstream stages depend on: the upstream's fingerprint and what it produced."""
+    manifest = read_manifest(out_dir) or {}
+    return _digest({"fingerprint": manifest.get("fingerprint"), "counts": manifest.get("counts")})
+
+
+def _checksum(uri: str) -> str:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    return _digest([(f, fs.checksum(f)) for f in files])
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
