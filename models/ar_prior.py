@@ -1,0 +1,324 @@
+"""Autoregressive prior P(z_i | y) (paper section 2.2), pure PyTorch.
+
+z_i is reduced with PCA to its first k components (ordered by decreasing eigenvalue; the paper
+keeps 319 of 1024), each coefficient is quantised into `n_buckets` quantile buckets (paper: 1024),
+and a causal transformer predicts the k bucket tokens one after the other. The prefix is
+
+    [z_t, caption token states (text_len), quantised z_i.z_t token] -> x_1 ... x_k
+
+(z_t first: its row is never padding, so no attention row is fully masked). The dot-product token
+is what lets sampling ask for a high z_i.z_t: by default it is drawn from the top half of the
+training distribution, which worked best in the paper. The text condition (z_t, token states and
+the dot token, which depends on z_t) is replaced by learned null states `text_drop_prob` of the
+time (10% in the paper) so sampling can use classifier-free guidance on the logits.
+
+The PCA artifact comes in as plain tensors (`PcaBasis`). The pca pipeline stage (tasks/pca.py,
+written separately) produces it; `fit_pca_basis` here is a small in-memory reference used by the
+tests and the demo. The basis is stored in the model's buffers, so a checkpoint is self-contained.
+
+Sampling recomputes the whole sequence at each of the k steps (no key/value cache): fine for the
+sizes trained here; a cache is the first thing to add for paper-size (k=319) sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.checkpoint import register
+
+
+@dataclass
+class PcaBasis:
+    """PCA of image embeddings plus quantile bucket edges for each kept dimension.
+
+    mean [D]; components [k, D] (rows orthonormal, decreasing eigenvalue); explained_variance [k];
+    bucket_edges [k, n_buckets + 1] (increasing per row; outermost edges = data range);
+    dot_edges [n_dot + 1] (optional) quantile edges of z_i.z_t; None: uniform over [-1, 1].
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance: torch.Tensor
+    bucket_edges: torch.Tensor
+    dot_edges: torch.Tensor | None = None
+
+    def __post_init__(self):
+        k, d = self.components.shape
+        if self.mean.shape != (d,):
+            raise ValueError(f"PcaBasis.mean must be [{d}] like components' width, got {tuple(self.mean.shape)}")
+        if self.explained_variance.shape != (k,):
+            raise ValueError(f"PcaBasis.explained_variance must be [{k}], got {tuple(self.explained_variance.shape)}")
+        if self.bucket_edges.ndim != 2 or self.bucket_edges.shape[0] != k or self.bucket_edges.shape[1] < 2:
+            raise ValueError(f"PcaBasis.bucket_edges must be [{k}, n_buckets + 1], got {tuple(self.bucket_edges.shape)}")
+        if (self.bucket_edges.diff(dim=1) < 0).any():
+            raise ValueError("PcaBasis.bucket_edges must be non-decreasing along each row")
+        if self.dot_edges is not None and (self.dot_edges.ndim != 1 or (self.dot_edges.diff() < 0).any()):
+            raise ValueError("PcaBasis.dot_edges must be a non-decreasing 1-D tensor")
+
+    @property
+    def n_buckets(self) -> int:
+        return self.bucket_edges.shape[1] - 1
+
+
+def fit_pca_basis(image_emb: torch.Tensor, k: int, n_buckets: int, text_emb: torch.Tensor | None = None, n_dot_buckets: int = 20) -> PcaBasis:
+    """Reference fit on an in-memory [N, D] matrix: PCA by eigendecomposition of the covariance,
+    per-dimension quantile bucket edges, and (given text_emb) quantile edges of z_i.z_t."""
+    x = image_emb.double()
+    if x.ndim != 2 or not 1 <= k <= x.shape[1]:
+        raise ValueError(f"image_emb must be [N, D] with 1 <= k <= D; got shape {tuple(x.shape)}, k={k}")
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / max(x.shape[0] - 1, 1)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    order = eigval.argsort(descending=True)[:k]
+    components = eigvec[:, order].T
+    coef = (x - mean) @ components.T
+    q = torch.linspace(0, 1, n_buckets + 1, dtype=torch.float64)
+    edges = torch.quantile(coef, q, dim=0).T.contiguous()
+    dot_edges = None
+    if text_emb is not None:
+        dot_edges = torch.quantile((x * text_emb.double()).sum(-1), torch.linspace(0, 1, n_dot_buckets + 1, dtype=torch.float64))
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    return PcaBasis(mean.float(), components.float(), eigval[order].float(), edges.float(), f(dot_edges))
+
+
+@dataclass
+class ARPriorConfig:
+    embed_dim: int = 768  # CLIP embedding width (z_i and z_t)
+    text_dim: int = 768  # caption token state width
+    text_len: int = 77
+    pca_dims: int = 319  # k kept PCA components (paper: 319 of 1024)
+    n_buckets: int = 1024  # quantisation buckets per PCA dimension (paper: 1024)
+    n_dot_buckets: int = 20  # buckets of z_i.z_t for the conditioning token
+    width: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    dropout: float = 0.0
+    text_drop_prob: float = 0.1
+
+    def __post_init__(self):
+        for name in ("embed_dim", "text_dim", "text_len", "pca_dims", "width", "num_heads", "num_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ARPriorConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_buckets < 2 or self.n_dot_buckets < 2:
+            raise ValueError(f"ARPriorConfig.n_buckets and n_dot_buckets must be >= 2, got {self.n_buckets}, {self.n_dot_buckets}")
+        if self.pca_dims > self.embed_dim:
+            raise ValueError(f"ARPriorConfig.pca_dims={self.pca_dims} exceeds embed_dim={self.embed_dim}")
+        if self.width % self.num_heads:
+            raise ValueError(f"ARPriorConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.text_drop_prob < 1.0:
+            raise ValueError(f"ARPriorConfig.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+
+
+# tiny: tests/demo. small: CPU-trainable. base: a ViT-L/14-sized AR prior of ~1B-class depth is
+# only described here (width 2048, 24 layers). paper: 1B, ViT-H/16 (1024-d), 319 dims x 1024 buckets.
+SIZES: dict[str, ARPriorConfig] = {
+    "tiny": ARPriorConfig(embed_dim=32, text_dim=32, text_len=8, pca_dims=16, n_buckets=64, n_dot_buckets=8, width=64, num_heads=4, num_layers=2),
+    "small": ARPriorConfig(embed_dim=512, text_dim=512, text_len=77, pca_dims=128, n_buckets=256, n_dot_buckets=16, width=512, num_heads=8, num_layers=6),
+    "base": ARPriorConfig(embed_dim=768, text_dim=768, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=20, width=2048, num_heads=32, num_layers=20),
+    "paper": ARPriorConfig(embed_dim=1024, text_dim=1024, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=20, width=2048, num_heads=32, num_layers=20),
+}
+
+
+def ar_prior_config(size: str, **overrides) -> ARPriorConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown AR prior size {size!r}; known: {sorted(SIZES)}")
+    return replace(SIZES[size], **overrides)
+
+
+@register("prior.ARPrior", format_version=1)
+class ARPrior(nn.Module):
+    config_class = ARPriorConfig
+
+    def __init__(self, config: ARPriorConfig, basis: PcaBasis | None = None):
+        super().__init__()
+        self.config = c = config
+        # The PCA artifact lives in buffers (saved with the checkpoint); zeros until set.
+        self.register_buffer("pca_mean", torch.zeros(c.embed_dim))
+        self.register_buffer("pca_components", torch.zeros(c.pca_dims, c.embed_dim))
+        self.register_buffer("pca_explained_variance", torch.zeros(c.pca_dims))
+        self.register_buffer("bucket_edges", torch.zeros(c.pca_dims, c.n_buckets + 1))
+        self.register_buffer("dot_edges", torch.linspace(-1.0, 1.0, c.n_dot_buckets + 1))
+        if basis is not None:
+            self.set_basis(basis)
+
+        self.text_emb_in = nn.Linear(c.embed_dim, c.width)
+        self.text_states_in = nn.Linear(c.text_dim, c.width)
+        self.dot_embed = nn.Embedding(c.n_dot_buckets, c.width)
+        self.token_embed = nn.Embedding(c.n_buckets, c.width)  # shared; position says which PCA dim
+        self.seq_len = 1 + c.text_len + 1 + c.pca_dims - 1  # the last token is predicted, never read
+        self.pos_embed = nn.Parameter(torch.randn(self.seq_len, c.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            c.width, c.num_heads, 4 * c.width, c.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(c.width)
+        self.head = nn.Linear(c.width, c.n_buckets)
+        # Null condition for classifier-free guidance: z_t, token states and dot token together.
+        self.null_text_emb = nn.Parameter(torch.zeros(c.embed_dim))
+        self.null_text_states = nn.Parameter(torch.zeros(c.text_len, c.text_dim))
+        self.null_dot = nn.Parameter(torch.zeros(c.width))
+        self.register_buffer("causal_mask", torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).triu(1), persistent=False)
+
+    # ----- PCA and tokens -----
+    @torch.no_grad()
+    def set_basis(self, basis: PcaBasis) -> None:
+        c = self.config
+        if basis.components.shape != (c.pca_dims, c.embed_dim) or basis.n_buckets != c.n_buckets:
+            raise ValueError(
+                f"PcaBasis has components {tuple(basis.components.shape)} and {basis.n_buckets} buckets; "
+                f"this AR prior wants ({c.pca_dims}, {c.embed_dim}) and {c.n_buckets}"
+            )
+        if basis.dot_edges is not None and basis.dot_edges.shape != (c.n_dot_buckets + 1,):
+            raise ValueError(f"PcaBasis.dot_edges must be [{c.n_dot_buckets + 1}], got {tuple(basis.dot_edges.shape)}")
+        self.pca_mean.copy_(basis.mean)
+        self.pca_components.copy_(basis.components)
+        self.pca_explained_variance.copy_(basis.explained_variance)
+        self.bucket_edges.copy_(basis.bucket_edges)
+        if basis.dot_edges is not None:
+            self.dot_edges.copy_(basis.dot_edges)
+
+    @property
+    def basis(self) -> PcaBasis:
+        return PcaBasis(self.pca_mean, self.pca_components, self.pca_explained_variance, self.bucket_edges, self.dot_edges)
+
+    def _check_basis(self) -> None:
+        if not torch.any(self.bucket_edges != 0):
+            raise RuntimeError("this ARPrior has no PCA basis: pass basis= to the constructor, call set_basis(), or load a checkpoint")
+
+    def tokenize(self, image_emb: torch.Tensor) -> torch.Tensor:
+        """z_i [B, D] -> bucket tokens [B, k] of the first k PCA coefficients."""
+        self._check_basis()
+        if image_emb.ndim != 2 or image_emb.shape[1] != self.config.embed_dim:
+            raise ValueError(f"image_emb must be [batch, {self.config.embed_dim}], got {tuple(image_emb.shape)}")
+        coef = (image_emb - self.pca_mean) @ self.pca_components.T
+        inner = self.bucket_edges[:, 1:-1].contiguous()  # out-of-range values go to the end buckets
+        return torch.searchsorted(inner, coef.T.contiguous(), right=True).T
+
+    def bucket_centres(self) -> torch.Tensor:
+        return (self.bucket_edges[:, :-1] + self.bucket_edges[:, 1:]) / 2
+
+    def detokenize(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Tokens [B, k] -> bucket centres -> inverse PCA -> z_i [B, D] (L2-normalised by default)."""
+        self._check_basis()
+        coef = self.bucket_centres().gather(1, tokens.T).T
+        z = coef @ self.pca_components + self.pca_mean
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def dot_tokens(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        dot = (image_emb * text_emb).sum(-1)
+        return torch.bucketize(dot, self.dot_edges[1:-1].contiguous(), right=True)
+
+    # ----- network -----
+    def prepare_text(self, text_states, text_mask):
+        c = self.config
+        if text_states.ndim != 3 or text_states.shape[-1] != c.text_dim:
+            raise ValueError(f"text_states must be [batch, tokens, {c.text_dim}], got {tuple(text_states.shape)}")
+        b, n, _ = text_states.shape
+        if n > c.text_len:
+            raise ValueError(f"text_states has {n} tokens, more than this prior's text_len={c.text_len}")
+        text_mask = torch.ones(b, n, dtype=torch.bool, device=text_states.device) if text_mask is None else text_mask.bool()
+        if text_mask.shape != (b, n):
+            raise ValueError(f"text_mask must be [{b}, {n}] like text_states, got {tuple(text_mask.shape)}")
+        return F.pad(text_states, (0, 0, 0, c.text_len - n)), F.pad(text_mask, (0, c.text_len - n), value=False)
+
+    def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, n+1, n_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),
+        the dot bucket [B] and the text condition; rows with drop=True use the null condition."""
+        c = self.config
+        b, n = tokens.shape
+        if n >= c.pca_dims:
+            raise ValueError(f"tokens must have fewer than pca_dims={c.pca_dims} columns, got {n}")
+        if text_emb.shape != (b, c.embed_dim):
+            raise ValueError(f"text_emb must be [{b}, {c.embed_dim}], got {tuple(text_emb.shape)}")
+        text_states, text_mask = self.prepare_text(text_states, text_mask)
+        dot_h = self.dot_embed(dot)
+        if drop is not None:
+            d = drop.view(-1, 1)
+            text_emb = torch.where(d, self.null_text_emb, text_emb)
+            text_states = torch.where(d[..., None], self.null_text_states, text_states)
+            text_mask = text_mask | d
+            dot_h = torch.where(d, self.null_dot, dot_h)
+        h = torch.cat(
+            [self.text_emb_in(text_emb)[:, None], self.text_states_in(text_states), dot_h[:, None], self.token_embed(tokens)], dim=1
+        )
+        L = h.shape[1]
+        h = h + self.pos_embed[:L]
+        pad = F.pad(~text_mask, (1, L - 1 - c.text_len), value=False)  # keys that are padding
+        h = self.blocks(h, mask=self.causal_mask[:L, :L], src_key_padding_mask=pad)
+        return self.head(self.norm_out(h[:, 1 + c.text_len :]))
+
+    # ----- training -----
+    def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
+        """Cross-entropy of the k bucket tokens of z_i, text condition dropped text_drop_prob of the time."""
+        tokens = self.tokenize(image_emb)
+        dot = self.dot_tokens(image_emb, text_emb)
+        gen_device = generator.device if generator is not None else "cpu"
+        drop = (torch.rand(image_emb.shape[0], generator=generator, device=gen_device) < self.config.text_drop_prob).to(image_emb.device)
+        logits = self(tokens[:, :-1], dot, text_emb, text_states, text_mask, drop)
+        return F.cross_entropy(logits.reshape(-1, self.config.n_buckets), tokens.reshape(-1))
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Batch keys as the diffusion prior: image_emb, text_emb, text_states, optional text_mask."""
+        missing = {"image_emb", "text_emb", "text_states"} - set(batch)
+        if missing:
+            raise KeyError(f"AR prior batch is missing {sorted(missing)}; it has {sorted(batch)}")
+        return self.training_loss(batch["image_emb"], batch["text_emb"], batch["text_states"], batch.get("text_mask"), generator)
+
+    # ----- sampling -----
+    def guided_logits(self, tokens, dot, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
+        """Next-token logits [B, n_buckets] with classifier-free guidance: uncond + s (cond - uncond)."""
+        cond = self(tokens, dot, text_emb, text_states, text_mask)[:, -1]
+        if guidance_scale == 1.0:
+            return cond
+        drop = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        uncond = self(tokens, dot, text_emb, text_states, text_mask, drop)[:, -1]
+        return uncond + guidance_scale * (cond - uncond)
+
+    def default_dot_buckets(self, batch: int, generator=None, device=None) -> torch.Tensor:
+        """Uniform over the top half of the dot buckets: with quantile edges, the top half of the
+        z_i.z_t distribution (the paper's best setting)."""
+        n = self.config.n_dot_buckets
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.randint(n // 2, n, (batch,), generator=generator, device=gen_device).to(device or gen_device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_emb: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        dot_bucket: int | torch.Tensor | None = None,
+        temperature: float = 1.0,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        normalize: bool = True,
+        return_tokens: bool = False,
+    ):
+        """Draw z_i [B, D] token by token. dot_bucket: int or [B] tensor in [0, n_dot_buckets);
+        None draws it from the top half. temperature 0 is greedy."""
+        self._check_basis()
+        b, device, n_dot = text_emb.shape[0], text_emb.device, self.config.n_dot_buckets
+        if dot_bucket is None:
+            dot = self.default_dot_buckets(b, generator, device)
+        else:
+            dot = torch.as_tensor(dot_bucket, device=device).long().expand(b).clone()
+            if (dot < 0).any() or (dot >= n_dot).any():
+                raise ValueError(f"dot_bucket must be in [0, {n_dot}), got {dot_bucket}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        gen_device = generator.device if generator is not None else "cpu"
+        tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
+        for _ in range(self.config.pca_dims):
+            logits = self.guided_logits(tokens, dot, text_emb, text_states, text_mask, guidance_scale).float()
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1).to(device)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        z = self.detokenize(tokens, normalize=normalize)
+        return (z, tokens) if return_tokens else z

@@ -1,0 +1,225 @@
+"""AR prior: PCA tokenisation, shapes, causal masking, training objective, guidance,
+dot-product conditioning and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from models import checkpoint
+from models.ar_prior import SIZES, ARPrior, ARPriorConfig, PcaBasis, ar_prior_config, fit_pca_basis
+
+TINY = SIZES["tiny"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _embeddings(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Unit vectors with a decaying spectrum, like CLIP embeddings (a few dominant directions)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -1.5, d)
+    return F.normalize(torch.randn(n, d, generator=g) * scales + 0.3, dim=-1)
+
+
+def _model(config: ARPriorConfig = TINY, n: int = 2048, seed: int = 0) -> tuple[ARPrior, dict]:
+    torch.manual_seed(seed)
+    z_i = _embeddings(n, config.embed_dim, seed)
+    z_t = F.normalize(z_i + 0.5 * _embeddings(n, config.embed_dim, seed + 1), dim=-1)
+    basis = fit_pca_basis(z_i, config.pca_dims, config.n_buckets, z_t, config.n_dot_buckets)
+    g = torch.Generator().manual_seed(seed)
+    data = {"image_emb": z_i, "text_emb": z_t, "text_states": torch.randn(n, config.text_len, config.text_dim, generator=g)}
+    return ARPrior(config, basis), data
+
+
+def test_pca_basis_against_svd():
+    z = _embeddings(500, 12)
+    basis = fit_pca_basis(z, 5, 16)
+    _, s, vh = torch.linalg.svd((z - z.mean(0)).double(), full_matrices=False)  # independent route
+    torch.testing.assert_close(basis.explained_variance.double(), s[:5] ** 2 / 499, rtol=1e-4, atol=1e-7)
+    overlap = (basis.components.double() @ vh[:5].T).abs()  # same directions up to sign
+    torch.testing.assert_close(overlap, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-4)
+    assert (basis.explained_variance.diff() <= 0).all()
+    with pytest.raises(ValueError, match="bucket_edges"):
+        PcaBasis(basis.mean, basis.components, basis.explained_variance, basis.bucket_edges[:3])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        PcaBasis(basis.mean, basis.components, basis.explained_variance, basis.bucket_edges.flip(1))
+
+
+def test_tokenize_detokenize_within_half_bucket():
+    model, data = _model()
+    z = data["image_emb"]
+    tokens = model.tokenize(z)
+    c = TINY
+    assert tokens.shape == (len(z), c.pca_dims) and tokens.min() >= 0 and tokens.max() < c.n_buckets
+    coef = (z - model.pca_mean) @ model.pca_components.T
+    centres = model.bucket_centres().gather(1, tokens.T).T
+    lo = model.bucket_edges.gather(1, tokens.T).T
+    hi = model.bucket_edges.gather(1, tokens.T + 1).T
+    assert ((coef >= lo - 1e-6) & (coef <= hi + 1e-6)).all()  # each value lies in its bucket
+    assert ((centres - coef).abs() <= (hi - lo) / 2 + 1e-6).all()
+    # quantile buckets: each bucket holds about 1/n_buckets of the fitting data
+    counts = F.one_hot(tokens, c.n_buckets).sum(0).float()
+    assert counts.min() >= 0.5 * len(z) / c.n_buckets
+    # detokenize is bucket centres through the inverse PCA
+    torch.testing.assert_close(model.detokenize(tokens, normalize=False), centres @ model.pca_components + model.pca_mean)
+    # out-of-range values land in the end buckets
+    far = model.tokenize(model.pca_mean + 100 * model.pca_components[:1])
+    assert far[0, 0] == c.n_buckets - 1
+    # with all dims kept and fine buckets the round trip is close to the identity
+    full = ar_prior_config("tiny", pca_dims=32, n_buckets=256)
+    m = ARPrior(full, fit_pca_basis(z, 32, 256))
+    assert F.cosine_similarity(m.detokenize(m.tokenize(z)), z).min() > 0.99
+
+
+def test_shapes_errors_and_causality():
+    model, data = _model()
+    model.eval()
+    c, b = TINY, 3
+    tokens = model.tokenize(data["image_emb"][:b])
+    dot = model.dot_tokens(data["image_emb"][:b], data["text_emb"][:b])
+    states, mask = data["text_states"][:b, :5], torch.tensor([[1, 1, 1, 0, 0]] * b, dtype=torch.bool)
+    logits = model(tokens[:, :-1], dot, data["text_emb"][:b], states, mask)
+    assert logits.shape == (b, c.pca_dims, c.n_buckets)
+    # causal: changing token j changes no logits at positions <= j (which predict tokens <= j)
+    changed = tokens[:, :-1].clone()
+    changed[:, 6] = (changed[:, 6] + 5) % c.n_buckets
+    logits2 = model(changed, dot, data["text_emb"][:b], states, mask)
+    torch.testing.assert_close(logits[:, :7], logits2[:, :7])
+    assert not torch.allclose(logits[:, 7:], logits2[:, 7:])
+    # padded text tokens are ignored
+    junk = states.clone()
+    junk[:, 3:] = 100.0
+    torch.testing.assert_close(model(tokens[:, :-1], dot, data["text_emb"][:b], junk, mask), logits)
+    z = model.sample(data["text_emb"][:b], states, mask, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (b, c.embed_dim)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(b))
+    with pytest.raises(ValueError, match="dot_bucket"):
+        model.sample(data["text_emb"][:b], states, dot_bucket=c.n_dot_buckets)
+    with pytest.raises(ValueError, match="text_states"):
+        model(tokens[:, :-1], dot, data["text_emb"][:b], torch.randn(b, c.text_len + 1, c.text_dim))
+    with pytest.raises(ValueError, match="PcaBasis"):
+        ARPrior(TINY, fit_pca_basis(data["image_emb"], 4, TINY.n_buckets))
+    with pytest.raises(RuntimeError, match="no PCA basis"):
+        ARPrior(TINY).tokenize(data["image_emb"])
+    with pytest.raises(KeyError, match="text_states"):
+        model.loss({"image_emb": data["image_emb"], "text_emb": data["text_emb"]})
+    with pytest.raises(ValueError, match="unknown AR prior size"):
+        ar_prior_config("huge")
+    assert set(SIZES) >= {"tiny", "small", "base", "paper"}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_text_dropout_rate(p):
+    model, data = _model(replace(TINY, text_drop_prob=p), n=2048)
+    with torch.no_grad():
+        model.null_text_emb.fill_(7.0)
+        model.null_text_states.fill_(-3.0)
+    seen = []
+    model.text_emb_in.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.text_states_in.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4):
+            model.loss(data, generator=g)
+    emb = torch.cat(seen[0::2])
+    states = torch.cat(seen[1::2])
+    dropped = (emb == 7.0).all(-1)
+    assert torch.equal(dropped, (states == -3.0).all(-1).all(-1))
+    assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / dropped.numel())
+
+
+def test_guidance_combination():
+    model, data = _model()
+    model.eval()
+    with torch.no_grad():
+        for prm in (model.null_text_emb, model.null_text_states, model.null_dot):
+            prm.normal_()
+    b = 4
+    tokens = model.tokenize(data["image_emb"][:b])[:, :5]
+    dot = torch.tensor([0, 3, 5, 7])
+    args = (data["text_emb"][:b], data["text_states"][:b], None)
+    with torch.no_grad():
+        cond = model(tokens, dot, *args)[:, -1]
+        drop = torch.ones(b, dtype=torch.bool)
+        uncond = model(tokens, dot, *args, drop=drop)[:, -1]
+        # the unconditional prediction ignores the condition it replaces, and uses the null dot
+        other = (data["text_emb"][b : 2 * b], data["text_states"][b : 2 * b, :3], None)
+        torch.testing.assert_close(model(tokens, dot.flip(0), *other, drop=drop)[:, -1], uncond)
+        model.null_dot.add_(1.0)
+        assert not torch.allclose(model(tokens, dot, *args, drop=drop)[:, -1], uncond)
+        model.null_dot.sub_(1.0)
+        assert not torch.allclose(cond, uncond)
+        torch.testing.assert_close(model.guided_logits(tokens, dot, *args, 1.0), cond)
+        for s in (0.0, 3.0):
+            torch.testing.assert_close(model.guided_logits(tokens, dot, *args, s), cond + (s - 1) * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_trains_and_respects_dot_bucket():
+    """Synthetic data where z_i.z_t varies a lot for the same caption: after brief training,
+    sampling with a requested dot bucket lands in or near it."""
+    torch.manual_seed(0)
+    c = ar_prior_config("tiny", embed_dim=8, text_dim=8, text_len=2, pca_dims=8, n_buckets=16, n_dot_buckets=4, width=64, num_layers=2)
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    captions = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    which = torch.randint(0, 4, (n,), generator=g)
+    z_t = captions[which]
+    a = torch.rand(n, generator=g) * 1.8 - 0.9  # the dot product z_i.z_t
+    u = torch.randn(n, 8, generator=g)
+    u = F.normalize(u - (u * z_t).sum(-1, keepdim=True) * z_t, dim=-1)
+    z_i = a[:, None] * z_t + (1 - a[:, None] ** 2).sqrt() * u
+    data = {"image_emb": z_i, "text_emb": z_t, "text_states": torch.stack([z_t, -z_t], 1)}
+    model = ARPrior(c, fit_pca_basis(z_i, 8, 16, z_t, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(250):
+        idx = torch.randint(0, n, (128,), generator=g)
+        loss = model.loss({k: v[idx] for k, v in data.items()}, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) < 0.95 * sum(losses[:20])  # most of each token is noise (u)
+    model.eval()
+    edges = model.dot_edges
+    m = 64
+    zt, states = captions.repeat(m // 4, 1), torch.stack([captions, -captions], 1).repeat(m // 4, 1, 1)
+    means = []
+    for bucket in (0, c.n_dot_buckets - 1):
+        z = model.sample(zt, states, dot_bucket=bucket, generator=torch.Generator().manual_seed(bucket))
+        dots = (z * zt).sum(-1)
+        hit = ((dots >= edges[bucket] - 0.1) & (dots <= edges[bucket + 1] + 0.1)).float().mean()
+        assert hit > 0.6, (bucket, hit, dots)
+        means.append(dots.mean())
+    assert means[1] - means[0] > 0.8
+    # default: the top half of the dot distribution
+    default = model.default_dot_buckets(1000, torch.Generator().manual_seed(0))
+    assert default.min() == c.n_dot_buckets // 2 and default.max() == c.n_dot_buckets - 1
+    z = model.sample(zt, states, generator=torch.Generator().manual_seed(5))
+    assert (z * zt).sum(-1).mean() > edges[c.n_dot_buckets // 2] - 0.1
+
+
+def test_checkpoint_round_trip_bit_identical(tmp_path):
+    model, data = _model()
+    model.eval()
+    checkpoint.save(model, tmp_path / "ar")
+    loaded = checkpoint.load(tmp_path / "ar").eval()
+    assert isinstance(loaded, ARPrior) and loaded.config == model.config
+    for name in ("pca_mean", "pca_components", "bucket_edges", "dot_edges"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name))
+    kw = dict(temperature=0.8, guidance_scale=2.0)
+    args = (data["text_emb"][:3], data["text_states"][:3])
+    a = model.sample(*args, generator=torch.Generator().manual_seed(1), **kw)
+    b = loaded.sample(*args, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
