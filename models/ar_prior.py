@@ -12,9 +12,12 @@ training distribution, which worked best in the paper. The text condition (z_t, 
 the dot token, which depends on z_t) is replaced by learned null states `text_drop_prob` of the
 time (10% in the paper) so sampling can use classifier-free guidance on the logits.
 
-The PCA artifact comes in as plain tensors (`PcaBasis`). The pca pipeline stage (tasks/pca.py,
-written separately) produces it; `fit_pca_basis` here is a small in-memory reference used by the
-tests and the demo. The basis is stored in the model's buffers, so a checkpoint is self-contained.
+The PCA artifact comes in as plain tensors (`PcaBasis` here). The pca pipeline stage
+(tasks/pca.py, tasks/schema.py) writes its own `PcaBasis` with a different layout (edges stored
+[n_buckets + 1, kept], all components, `similarity_edges`); `as_pca_basis` converts it without
+importing tasks (imports go pipelines -> tasks -> models), and `ARPrior.from_basis` builds a model
+sized by it. `fit_pca_basis` is a small in-memory reference used by tests. The basis is stored in
+the model's buffers, so a checkpoint is self-contained.
 
 Sampling recomputes the whole sequence at each of the k steps (no key/value cache): fine for the
 sizes trained here; a cache is the first thing to add for paper-size (k=319) sampling.
@@ -64,6 +67,24 @@ class PcaBasis:
         return self.bucket_edges.shape[1] - 1
 
 
+def as_pca_basis(artifact) -> PcaBasis:
+    """Our PcaBasis from itself or from the pca stage's artifact (tasks.schema.PcaBasis: bucket_edges
+    [n_buckets + 1, kept], components for all dims, similarity_edges), duck-typed."""
+    if isinstance(artifact, PcaBasis):
+        return artifact
+    needed = ("mean", "components", "explained_variance", "bucket_edges", "similarity_edges")
+    missing = [name for name in needed if not hasattr(artifact, name)]
+    if missing:
+        raise TypeError(f"{type(artifact).__name__} is not a PCA artifact: it lacks {missing}")
+    edges = torch.as_tensor(artifact.bucket_edges, dtype=torch.float32).T.contiguous()  # -> [kept, B + 1]
+    kept = edges.shape[0]
+    f = lambda t: torch.as_tensor(t, dtype=torch.float32)  # noqa: E731
+    return PcaBasis(
+        f(artifact.mean), f(artifact.components)[:kept].contiguous(), f(artifact.explained_variance)[:kept].contiguous(),
+        edges, f(artifact.similarity_edges),
+    )
+
+
 def fit_pca_basis(image_emb: torch.Tensor, k: int, n_buckets: int, text_emb: torch.Tensor | None = None, n_dot_buckets: int = 20) -> PcaBasis:
     """Reference fit on an in-memory [N, D] matrix: PCA by eigendecomposition of the covariance,
     per-dimension quantile bucket edges, and (given text_emb) quantile edges of z_i.z_t."""
@@ -92,7 +113,7 @@ class ARPriorConfig:
     text_len: int = 77
     pca_dims: int = 319  # k kept PCA components (paper: 319 of 1024)
     n_buckets: int = 1024  # quantisation buckets per PCA dimension (paper: 1024)
-    n_dot_buckets: int = 20  # buckets of z_i.z_t for the conditioning token
+    n_dot_buckets: int = 64  # buckets of z_i.z_t for the conditioning token (pca stage default)
     width: int = 768
     num_heads: int = 12
     num_layers: int = 12
@@ -114,12 +135,12 @@ class ARPriorConfig:
 
 
 # tiny: tests/demo. small: CPU-trainable. base: a ViT-L/14-sized AR prior of ~1B-class depth is
-# only described here (width 2048, 24 layers). paper: 1B, ViT-H/16 (1024-d), 319 dims x 1024 buckets.
+# only described here (width 2048, 20 layers, ~1B). paper: 1B, ViT-H/16 (1024-d), 319 dims x 1024 buckets.
 SIZES: dict[str, ARPriorConfig] = {
     "tiny": ARPriorConfig(embed_dim=32, text_dim=32, text_len=8, pca_dims=16, n_buckets=64, n_dot_buckets=8, width=64, num_heads=4, num_layers=2),
-    "small": ARPriorConfig(embed_dim=512, text_dim=512, text_len=77, pca_dims=128, n_buckets=256, n_dot_buckets=16, width=512, num_heads=8, num_layers=6),
-    "base": ARPriorConfig(embed_dim=768, text_dim=768, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=20, width=2048, num_heads=32, num_layers=20),
-    "paper": ARPriorConfig(embed_dim=1024, text_dim=1024, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=20, width=2048, num_heads=32, num_layers=20),
+    "small": ARPriorConfig(embed_dim=512, text_dim=512, text_len=77, pca_dims=128, n_buckets=256, n_dot_buckets=32, width=512, num_heads=8, num_layers=6),
+    "base": ARPriorConfig(embed_dim=768, text_dim=768, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=64, width=2048, num_heads=32, num_layers=20),
+    "paper": ARPriorConfig(embed_dim=1024, text_dim=1024, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=64, width=2048, num_heads=32, num_layers=20),
 }
 
 
@@ -133,6 +154,15 @@ def ar_prior_config(size: str, **overrides) -> ARPriorConfig:
 class ARPrior(nn.Module):
     config_class = ARPriorConfig
 
+    @classmethod
+    def from_basis(cls, artifact, size: str = "tiny", **overrides) -> "ARPrior":
+        """A model of a named size whose PCA/bucket shapes come from the artifact."""
+        basis = as_pca_basis(artifact)
+        shapes = dict(embed_dim=basis.mean.shape[0], pca_dims=basis.components.shape[0], n_buckets=basis.n_buckets)
+        if basis.dot_edges is not None:
+            shapes["n_dot_buckets"] = basis.dot_edges.shape[0] - 1
+        return cls(ar_prior_config(size, **{**shapes, **overrides}), basis)
+
     def __init__(self, config: ARPriorConfig, basis: PcaBasis | None = None):
         super().__init__()
         self.config = c = config
@@ -143,7 +173,7 @@ class ARPrior(nn.Module):
         self.register_buffer("bucket_edges", torch.zeros(c.pca_dims, c.n_buckets + 1))
         self.register_buffer("dot_edges", torch.linspace(-1.0, 1.0, c.n_dot_buckets + 1))
         if basis is not None:
-            self.set_basis(basis)
+            self.set_basis(as_pca_basis(basis))
 
         self.text_emb_in = nn.Linear(c.embed_dim, c.width)
         self.text_states_in = nn.Linear(c.text_dim, c.width)

@@ -223,3 +223,20 @@ def test_checkpoint_round_trip_bit_identical(tmp_path):
     a = model.sample(*args, generator=torch.Generator().manual_seed(1), **kw)
     b = loaded.sample(*args, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(a, b)
+
+
+def test_accepts_the_pca_stage_artifact():
+    """tasks.pca writes edges as [n_buckets + 1, kept] with all components; the model converts."""
+    from tasks.pca import fit_pca
+
+    z = _embeddings(600, 32)
+    z_t = F.normalize(z + 0.5 * _embeddings(600, 32, 1), dim=-1)
+    artifact = fit_pca(z.numpy(), (z * z_t).sum(-1).numpy(), kept_dims=12, num_buckets=32, similarity_buckets=8)
+    model = ARPrior.from_basis(artifact, "tiny")
+    c = model.config
+    assert (c.embed_dim, c.pca_dims, c.n_buckets, c.n_dot_buckets) == (32, 12, 32, 8)
+    assert torch.equal(model.tokenize(z), artifact.quantize(z))  # same tokens as the stage's own code
+    torch.testing.assert_close(model.detokenize(model.tokenize(z)), artifact.dequantize(artifact.quantize(z)))
+    torch.testing.assert_close(model.dot_tokens(z, z_t), artifact.quantize_similarity((z * z_t).sum(-1)))
+    with pytest.raises(TypeError, match="not a PCA artifact"):
+        ARPrior.from_basis(object())
