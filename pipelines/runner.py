@@ -90,7 +90,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         console.print(f"[dim]⏭  {stage.name}: up to date (manifest matches), skipped[/]")
         return {"status": "skipped", "counts": previous["counts"]}
 
-    resume = stage.incremental and out_dir.is_dir() and (out_dir / STARTED).is_file() and (out_dir / STARTED).read_text() == config_hash
+    # An incremental stage keeps what it has when its own settings are unchanged: after a crash
+    # (the start marker says so) or when only its inputs grew (the old manifest says so).
+    started_with = (out_dir / STARTED).read_text() if (out_dir / STARTED).is_file() else None
+    resume = stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))
     if out_dir.exists() and not resume:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

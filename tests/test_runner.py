@@ -1,0 +1,146 @@
+"""The runner end to end through the real CLI: skip, crash + resume, incremental growth, MLflow."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from tests.bad_web import image_server, jpeg_bytes
+
+QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
+
+
+def unclip(*args, cwd, check=True, **popen):
+    cmd = [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"unclip {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def shard_contents(ingest_dir: Path) -> dict[str, bytes]:
+    """name -> bytes of every jpg and txt in the shards (json holds the URL, whose port varies)."""
+    contents = {}
+    for tar_path in sorted(ingest_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if not member.name.endswith(".json"):
+                    contents[f"{tar_path.name}/{member.name}"] = tar.extractfile(member).read()
+    return contents
+
+
+def mlflow_runs(db: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(experiment_names=["unclip"])
+
+
+def test_second_run_skips_and_mlflow_has_parent_and_children(tmp_path):
+    storage = tmp_path / "store"
+    first = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", cwd=tmp_path)
+    assert "✓  synth" in first.stderr and "✓  ingest" in first.stderr
+    manifest = yaml.safe_load((storage / "ingest" / "_manifest.json").read_text())
+    assert manifest["counts"]["success"] == 30 and manifest["package_version"]
+    second = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", cwd=tmp_path)
+    assert "synth: up to date" in second.stderr and "ingest: up to date" in second.stderr
+
+    runs = mlflow_runs(storage / "mlflow.db")
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 2
+    first_parent = parents.sort_values("start_time").iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == first_parent["run_id"]]
+    assert sorted(children["tags.mlflow.runName"]) == ["ingest", "synth"]
+    ingest_run = children[children["tags.mlflow.runName"] == "ingest"].iloc[0]
+    assert ingest_run["metrics.success"] == 30 and ingest_run["params.image_size"] == "64"
+
+    # a changed stage setting re-runs that stage and the ones after it, not the ones before
+    third = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "ingest.image_size=32", cwd=tmp_path)
+    assert "synth: up to date" in third.stderr and "✓  ingest" in third.stderr
+
+
+def test_mlflow_env_var_is_honoured(tmp_path):
+    env_db = tmp_path / "elsewhere.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", str(QUICK), "--storage", str(tmp_path / "s"), "--until", "synth", "--set", "synth.n=5"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{env_db}"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert env_db.exists() and not (tmp_path / "s" / "mlflow.db").exists()
+    assert sorted(mlflow_runs(env_db)["tags.mlflow.runName"]) == ["synth", "unclip-quick"]
+
+
+def test_only_without_finished_inputs_is_a_clear_error(tmp_path):
+    result = unclip("run", QUICK, "--storage", tmp_path / "s", "--only", "ingest", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "needs 'synth', which has not finished" in result.stderr
+
+
+@pytest.fixture()
+def slow_url_list(tmp_path):
+    """40 images served one at a time with a delay, so that a run can be killed mid-way."""
+    colours = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40)]
+    routes = {f"/{i}.jpg": (200, {"Content-Type": "image/jpeg"}, jpeg_bytes(Image.new("RGB", (48, 48), colours[i % 4])), 0.12) for i in range(40)}
+    with image_server(routes) as base:
+        def write(n, path):
+            pd.DataFrame({"url": [f"{base}/{i}.jpg" for i in range(n)], "caption": [f"caption {i}" for i in range(n)]}).to_parquet(path, index=False)
+            return path
+        yield write
+
+
+def _ingest_config(tmp_path, url_list) -> Path:
+    config = tmp_path / "ingest.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "ingest-only", "stages": ["ingest"], "progress": False,
+        "ingest": {"url_list": str(url_list), "image_size": 16, "shard_size": 10, "processes": 1, "threads": 1, "timeout_s": 5},
+    }))
+    return config
+
+
+def test_killed_ingest_leaves_no_manifest_and_rerun_matches_uninterrupted(tmp_path, slow_url_list):
+    config = _ingest_config(tmp_path, slow_url_list(40, tmp_path / "urls.parquet"))
+    unclip("run", config, "--storage", tmp_path / "clean", cwd=tmp_path)
+    expected = shard_contents(tmp_path / "clean" / "ingest")
+    assert len(expected) == 80
+
+    crashed = tmp_path / "crashed" / "ingest"
+    process = unclip("run", config, "--storage", tmp_path / "crashed", cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(crashed.glob("*_stats.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and img2dataset's workers, mid-download
+    process.wait()
+    assert 1 <= len(list(crashed.glob("*_stats.json"))) < 4
+    assert not (crashed / "_manifest.json").exists()
+
+    resumed = unclip("run", config, "--storage", tmp_path / "crashed", cwd=tmp_path)
+    assert "resuming" in resumed.stderr
+    assert (crashed / "_manifest.json").exists()
+    assert shard_contents(crashed) == expected
+
+
+def test_extended_url_list_downloads_only_new_shards(tmp_path, slow_url_list):
+    urls = tmp_path / "urls.parquet"
+    config = _ingest_config(tmp_path, slow_url_list(25, urls))
+    storage = tmp_path / "s"
+    unclip("run", config, "--storage", storage, cwd=tmp_path)
+    ingest_dir = storage / "ingest"
+    full_shard_times = {p.name: p.stat().st_mtime_ns for p in (ingest_dir / "00000.tar", ingest_dir / "00001.tar")}
+
+    slow_url_list(38, urls)  # the list grows: shard 2 gets 5 more rows, shard 3 is new
+    result = unclip("run", config, "--storage", storage, cwd=tmp_path)
+    assert "✓  ingest" in result.stderr
+    assert {p: (ingest_dir / p).stat().st_mtime_ns for p in full_shard_times} == full_shard_times
+    manifest = yaml.safe_load((ingest_dir / "_manifest.json").read_text())
+    assert manifest["counts"]["success"] == 38 and manifest["counts"]["shards_redone_partial"] == 1
+    captions = sorted(v.decode() for k, v in shard_contents(ingest_dir).items() if k.endswith(".txt"))
+    assert captions == sorted(f"caption {i}" for i in range(38))
