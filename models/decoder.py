@@ -1,0 +1,349 @@
+"""unCLIP decoder (paper section 2.1): a U-Net at the base resolution conditioned on the CLIP image
+embedding z_i and, optionally, the caption.
+
+Built on diffusers' `UNet2DConditionModel` in Karlo's configuration (ResNet blocks at high
+resolution, `SimpleCrossAttn*` blocks where attention is wanted, `class_embed_type="identity"` to
+take an additive embedding), so Karlo-style `save_pretrained` weights load (`from_diffusers`).
+For `SimpleCrossAttn*` blocks diffusers' `attention_head_dim` really is the width of a head
+(heads = channels // attention_head_dim); attention is placed only at the resolutions named in
+`attention_resolutions` because attention at high resolution is what makes a U-Net slow on CPU.
+
+Conditioning (`TextProj`, parameter names identical to diffusers' `UnCLIPTextProjModel`):
+z_i (and z_t) are projected and added to the timestep embedding, and z_i is projected into 4 extra
+context tokens placed next to the projected caption token states. Classifier-free guidance:
+in training z_i is replaced by a learned null embedding with p=0.1 and the caption (z_t and token
+states) by learned null embeddings with p=0.5, independently.
+
+The network (`unet`, `text_proj`) is separate from the denoiser wrapper (`model_fn`) that the
+samplers in diffusion.py call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+from torch import nn
+
+from . import diffusion
+from .checkpoint import CheckpointError, register
+
+
+@dataclass
+class DecoderConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 960, 1280])
+    layers_per_block: int = 3
+    attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    attention_head_dim: int = 64  # width of one head (SimpleCrossAttn blocks)
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+    clip_dim: int = 768  # z_i / z_t width
+    text_dim: int = 768  # caption token-state width
+    cross_attention_dim: int = 1536
+    clip_extra_context_tokens: int = 4
+    # classifier-free guidance dropout (paper: 10% image embedding, 50% caption)
+    image_emb_dropout: float = 0.1
+    text_dropout: float = 0.5
+    # diffusion
+    prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
+    schedule: str = "cosine"
+    num_train_timesteps: int = 1000
+    learned_variance: bool = False  # off by default: the first NaN source under AMP
+    vlb_weight: float = 0.001  # Improved-DDPM hybrid loss weight, used only with learned variance
+
+    def __post_init__(self):
+        self.block_out_channels = list(self.block_out_channels)
+        self.attention_resolutions = list(self.attention_resolutions)
+        res = self.block_resolutions()
+        bad = [r for r in self.attention_resolutions if r not in res]
+        if bad:
+            raise ValueError(f"attention_resolutions={self.attention_resolutions}: {bad} not among the U-Net's block resolutions {res}")
+        for c, r in zip(self.block_out_channels, res):
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels={self.block_out_channels} must be divisible by norm_num_groups={self.norm_num_groups}")
+            # attention blocks, and the mid block at the lowest resolution, split channels into heads
+            if (r in self.attention_resolutions or r == res[-1]) and c % self.attention_head_dim:
+                raise ValueError(f"block_out_channels={self.block_out_channels} must be divisible by attention_head_dim={self.attention_head_dim}")
+        if self.prediction_type not in diffusion.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r}; allowed: {diffusion.PREDICTION_TYPES}")
+        if self.schedule not in diffusion.SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
+        for name in ("image_emb_dropout", "text_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"image_size={self.image_size} must be divisible by 2**(len(block_out_channels)-1)")
+
+    def block_resolutions(self) -> list[int]:
+        return [self.image_size // 2**i for i in range(len(self.block_out_channels))]
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]  # diffusers' default; the identity class input must match it
+
+
+SIZES: dict[str, DecoderConfig] = {
+    # CPU seconds: tests and demo
+    "tiny": DecoderConfig(image_size=32, block_out_channels=[32, 64], layers_per_block=1, attention_resolutions=[16],
+                          attention_head_dim=32, norm_num_groups=8, clip_dim=64, text_dim=64, cross_attention_dim=64),
+    # the 32/64-px demo decoder of STACK.md's measurements (attention only at 8x8 / 16x16)
+    "small": DecoderConfig(image_size=64, block_out_channels=[64, 128, 192, 256], layers_per_block=2,
+                           attention_resolutions=[16, 8], attention_head_dim=32, clip_dim=512, text_dim=512,
+                           cross_attention_dim=512),
+    # Karlo's decoder (~900M): diffusers' conversion config
+    "base": DecoderConfig(),
+    # paper appendix C: 3.5B GLIDE-style decoder, 2048-wide text encoder, learned variance
+    "paper": DecoderConfig(block_out_channels=[512, 1024, 1536, 2048], clip_dim=1024, text_dim=2048,
+                           cross_attention_dim=2048, learned_variance=True),
+}
+
+# UNet2DConditionModel settings fixed by this design (Karlo's); from_diffusers checks them.
+_FIXED_UNET = dict(
+    class_embed_type="identity", resnet_time_scale_shift="scale_shift", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5, downsample_padding=1, mid_block_scale_factor=1,
+    only_cross_attention=False, addition_embed_type=None, encoder_hid_dim=None, time_embedding_type="positional",
+)
+
+
+def unet_kwargs(cfg: DecoderConfig) -> dict:
+    attn = [r in cfg.attention_resolutions for r in cfg.block_resolutions()]
+    down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn]
+    up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)]
+    return dict(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if cfg.learned_variance else 1),
+        down_block_types=tuple(down), up_block_types=tuple(up), block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+        **_FIXED_UNET,
+    )
+
+
+class TextProj(nn.Module):
+    """CLIP conditioning of the decoder. Same parameter names and layout as diffusers'
+    `UnCLIPTextProjModel`, so its weights load; `text_dim` may differ from `clip_dim` here."""
+
+    def __init__(self, clip_dim: int, time_embed_dim: int, cross_attention_dim: int,
+                 clip_extra_context_tokens: int = 4, text_dim: int | None = None):
+        super().__init__()
+        self.clip_extra_context_tokens = clip_extra_context_tokens
+        # diffusers' null image embedding for classifier-free guidance
+        self.learned_classifier_free_guidance_embeddings = nn.Parameter(torch.zeros(clip_dim))
+        self.embedding_proj = nn.Linear(clip_dim, time_embed_dim)  # z_t -> time embedding
+        self.clip_image_embeddings_project_to_time_embeddings = nn.Linear(clip_dim, time_embed_dim)
+        self.clip_extra_context_tokens_proj = nn.Linear(clip_dim, clip_extra_context_tokens * cross_attention_dim)
+        self.encoder_hidden_states_proj = nn.Linear(text_dim or clip_dim, cross_attention_dim)
+        self.text_encoder_hidden_states_norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_states: torch.Tensor):
+        """-> (context tokens (B, extra + L, cross_dim), additive time embedding (B, time_dim))."""
+        B = image_emb.shape[0]
+        time_add = self.clip_image_embeddings_project_to_time_embeddings(image_emb) + self.embedding_proj(text_emb)
+        # diffusers' layout: (B, cross*extra) viewed as (B, cross, extra) then transposed
+        extra = self.clip_extra_context_tokens_proj(image_emb).reshape(B, -1, self.clip_extra_context_tokens).permute(0, 2, 1)
+        states = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_states))
+        return torch.cat([extra, states], dim=1), time_add
+
+
+def _where(drop: torch.Tensor, null: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Rows of `value` where drop is False, the null embedding (broadcast) where it is True."""
+    drop = drop.view(-1, *[1] * (value.dim() - 1))
+    return torch.where(drop, null.to(value.dtype).expand_as(value), value)
+
+
+@register("decoder.Decoder", format_version=1)
+class Decoder(nn.Module):
+    config_class = DecoderConfig
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.unet = UNet2DConditionModel(**unet_kwargs(config))
+        self.text_proj = TextProj(config.clip_dim, config.time_embed_dim, config.cross_attention_dim,
+                                  config.clip_extra_context_tokens, config.text_dim)
+        # learned null caption (diffusers' text_proj has only the null image embedding)
+        self.null_text_emb = nn.Parameter(torch.zeros(config.clip_dim))
+        self.null_text_states = nn.Parameter(torch.zeros(config.text_dim))
+
+    # -- network ---------------------------------------------------------------------------------
+
+    def forward(self, x, t, image_emb, text_emb=None, text_states=None, text_mask=None, drop_image=None, drop_text=None):
+        """Network prediction (B, C or 2C with learned variance, H, W).
+
+        image_emb/text_emb: (B, clip_dim); text_states: (B, L, text_dim) with optional bool text_mask
+        (B, L), True = real token. A missing caption means the null caption. drop_image/drop_text:
+        bool (B,) rows to replace by the learned null embeddings (classifier-free guidance).
+        """
+        cfg = self.config
+        B = x.shape[0]
+        if image_emb.shape != (B, cfg.clip_dim):
+            raise ValueError(f"image_emb has shape {tuple(image_emb.shape)}, expected {(B, cfg.clip_dim)}")
+        no_text = text_emb is None and text_states is None
+        if text_emb is None:
+            text_emb = self.null_text_emb.expand(B, -1)
+        if text_states is None:
+            text_states = self.null_text_states.expand(B, 1, -1)
+            text_mask = None
+        if text_emb.shape != (B, cfg.clip_dim):
+            raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(B, cfg.clip_dim)}")
+        if text_states.dim() != 3 or text_states.shape[0] != B or text_states.shape[2] != cfg.text_dim:
+            raise ValueError(f"text_states has shape {tuple(text_states.shape)}, expected (B={B}, L, text_dim={cfg.text_dim})")
+        if drop_image is not None:
+            image_emb = _where(drop_image, self.text_proj.learned_classifier_free_guidance_embeddings, image_emb)
+        if drop_text is not None and not no_text:
+            text_emb = _where(drop_text, self.null_text_emb, text_emb)
+            text_states = _where(drop_text, self.null_text_states, text_states)
+            if text_mask is not None:  # a dropped caption is all null tokens, all visible
+                text_mask = text_mask | drop_text.view(-1, 1)
+        context, time_add = self.text_proj(image_emb, text_emb, text_states)
+        mask = None
+        if text_mask is not None:
+            if text_mask.shape != text_states.shape[:2]:
+                raise ValueError(f"text_mask has shape {tuple(text_mask.shape)}, expected {tuple(text_states.shape[:2])}")
+            mask = F.pad(text_mask.bool(), (cfg.clip_extra_context_tokens, 0), value=True)
+        return self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
+
+    # -- training --------------------------------------------------------------------------------
+
+    def scheduler(self, sampler: str = "ddpm"):
+        cfg = self.config
+        return diffusion.make_scheduler(sampler, schedule=cfg.schedule, prediction_type=cfg.prediction_type,
+                                        num_train_timesteps=cfg.num_train_timesteps, clip_sample=1.0,
+                                        learned_variance=cfg.learned_variance)
+
+    def training_loss(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean loss for a batch of images x0 in [-1, 1]: draws t, noise and the CFG dropout masks.
+
+        Simple MSE on the configured target; with learned variance plus the Improved-DDPM
+        variational term (weight vlb_weight) that trains the variance head with a stopped mean.
+        Autocast-friendly: the loss is computed in float32.
+        """
+        cfg, B, dev = self.config, x0.shape[0], x0.device
+        sched = self._train_scheduler()
+        gen_dev = generator.device if generator is not None else "cpu"
+        t = diffusion.sample_timesteps(B, sched, generator, device=dev)
+        noise = diffusion.randn(x0.shape, generator, device=dev, dtype=x0.dtype)
+        drop_image = (torch.rand(B, generator=generator, device=gen_dev) < cfg.image_emb_dropout).to(dev)
+        drop_text = (torch.rand(B, generator=generator, device=gen_dev) < cfg.text_dropout).to(dev)
+        x_t = diffusion.add_noise(sched, x0, noise, t)
+        out = self(x_t, t, image_emb, text_emb, text_states, text_mask, drop_image, drop_text).float()
+        C = x0.shape[1]
+        target = diffusion.training_target(sched, x0, noise, t).float()
+        loss = F.mse_loss(out[:, :C], target)
+        if cfg.learned_variance:
+            loss = loss + cfg.vlb_weight * self._vlb(sched, out, x0.float(), x_t.float(), t)
+        return loss
+
+    def _train_scheduler(self):
+        if getattr(self, "_sched", None) is None:
+            self._sched = self.scheduler("ddpm")
+        return self._sched
+
+    @staticmethod
+    def _vlb(sched, out, x0, x_t, t):
+        """KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in nats/dim through a stopped-gradient mean, so
+        only the variance head learns from it (Improved DDPM's hybrid loss). p's log-variance
+        interpolates log beta_t and log beta~_t with v in [-1, 1] (diffusers' "learned_range")."""
+        C = x0.shape[1]
+        mean_out, v = out[:, :C].detach(), out[:, C:]
+        ab = sched.alphas_cumprod.to(x0.device).double()
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        beta = 1 - ab / ab_prev
+        post_var = beta * (1 - ab_prev) / (1 - ab)
+        log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # beta~_0 = 0: use beta~_1
+        bc = lambda a: a[t].float().view(-1, 1, 1, 1)
+        ab_t, ab_p, beta_t, log_post_t = bc(ab), bc(ab_prev), bc(beta), bc(log_post)
+        kind = sched.config.prediction_type
+        if kind == "epsilon":
+            x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()
+        elif kind == "sample":
+            x0_hat = mean_out
+        else:
+            x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
+        x0_hat = x0_hat.clamp(-1, 1)
+        c0, ct = ab_p.sqrt() * beta_t / (1 - ab_t), (1 - beta_t).sqrt() * (1 - ab_p) / (1 - ab_t)
+        frac = (v.clamp(-1, 1) + 1) / 2
+        log_var = frac * torch.log(beta_t) + (1 - frac) * log_post_t
+        diff = c0 * (x0 - x0_hat)  # true mean - model mean
+        kl = 0.5 * (-1 + log_var - log_post_t + torch.exp(log_post_t - log_var) + diff**2 * torch.exp(-log_var))
+        return kl.mean()
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def model_fn(self, image_emb, text_emb=None, text_states=None, text_mask=None) -> diffusion.ModelFn:
+        """The denoiser the samplers call: conditional = given z_i and caption; unconditional =
+        learned null z_i and null caption (both dropped, as in Karlo)."""
+        B = image_emb.shape[0]
+        ones = torch.ones(B, dtype=torch.bool, device=image_emb.device)
+
+        def fn(x, t, conditional=True):
+            if conditional:
+                return self(x, t, image_emb, text_emb, text_states, text_mask)
+            return self(x, t, image_emb, text_emb, text_states, text_mask, drop_image=ones, drop_text=ones)
+
+        return fn
+
+    @torch.no_grad()
+    def sample(self, image_emb, text_emb=None, text_states=None, text_mask=None, *, steps: int = 50,
+               sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]. x_T: start noise (section 3's bipartite latent);
+        drawn from `generator` if absent."""
+        cfg = self.config
+        if x_T is None:
+            shape = (image_emb.shape[0], cfg.in_channels, cfg.image_size, cfg.image_size)
+            x_T = diffusion.randn(shape, generator, device=image_emb.device, dtype=image_emb.dtype)
+        fn = self.model_fn(image_emb, text_emb, text_states, text_mask)
+        x = diffusion.sample(fn, self.scheduler(sampler), x_T, steps, eta=eta, generator=generator,
+                             guidance_scale=guidance_scale)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def invert(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None, *, steps: int = 50,
+               guidance_scale: float = 1.0) -> torch.Tensor:
+        """DDIM inversion x0 -> x_T conditioned on z_i (and caption); `sample(..., x_T=x_T, eta=0,
+        steps=steps)` reconstructs x0."""
+        fn = self.model_fn(image_emb, text_emb, text_states, text_mask)
+        return diffusion.ddim_invert(fn, self.scheduler("ddim_inverse"), x0, steps, guidance_scale=guidance_scale)
+
+    # -- diffusers interop -----------------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers(cls, unet_dir: str | Path, text_proj_dir: str | Path | None = None, **overrides) -> "Decoder":
+        """Build from a `save_pretrained` UNet2DConditionModel directory (e.g. Karlo's `decoder/`)
+        and, optionally, the matching `text_proj/` directory. `overrides` set DecoderConfig fields
+        that diffusers does not store (clip_dim, text_dim when there is no text_proj, dropout rates...)."""
+        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+        uc = unet.config
+        for key, want in _FIXED_UNET.items():
+            got = uc.get(key)
+            if (list(got) if isinstance(got, (list, tuple)) else got) != want and not (key == "only_cross_attention" and got in (False, [False] * len(uc.block_out_channels))):
+                raise CheckpointError(f"{unet_dir}: UNet config {key}={got!r}, this decoder needs {want!r}")
+        n = len(uc.block_out_channels)
+        res = [uc.sample_size // 2**i for i in range(n)]
+        attn = [r for r, b in zip(res, uc.down_block_types) if b.startswith("SimpleCrossAttn")]
+        fields = dict(image_size=uc.sample_size, in_channels=uc.in_channels, block_out_channels=list(uc.block_out_channels),
+                      layers_per_block=uc.layers_per_block, attention_resolutions=attn,
+                      attention_head_dim=uc.attention_head_dim, norm_num_groups=uc.norm_num_groups,
+                      cross_attention_dim=uc.cross_attention_dim, learned_variance=uc.out_channels == 2 * uc.in_channels)
+        if text_proj_dir is not None:
+            tp = json.loads((Path(text_proj_dir) / "config.json").read_text())
+            fields.update(clip_dim=tp["clip_embeddings_dim"], clip_extra_context_tokens=tp["clip_extra_context_tokens"])
+            fields.setdefault("text_dim", tp["clip_embeddings_dim"])
+        fields.update(overrides)
+        model = cls(DecoderConfig(**fields))
+        if unet_kwargs(model.config)["down_block_types"] != tuple(uc.down_block_types):
+            raise CheckpointError(f"{unet_dir}: block types {uc.down_block_types} are not of this decoder's form")
+        model.unet.load_state_dict(unet.state_dict())
+        if text_proj_dir is not None:
+            model.text_proj.load_state_dict(load_file(str(Path(text_proj_dir) / "diffusion_pytorch_model.safetensors")))
+        return model
+

@@ -1,0 +1,217 @@
+"""models/decoder.py: shapes, CFG dropout, overfitting, checkpoints, diffusers interop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from models import checkpoint
+from models.decoder import SIZES, Decoder, DecoderConfig, TextProj
+
+TINY = dataclasses.replace(SIZES["tiny"], image_size=16, attention_resolutions=[8])
+
+
+def make(cfg=TINY, seed=0):
+    torch.manual_seed(seed)
+    return Decoder(cfg).eval()
+
+
+def batch(B=3, L=5, cfg=TINY, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    return x, torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, L, cfg.text_dim, generator=g)
+
+
+def perturb(model, seed=1):
+    """Random non-zero values everywhere (diffusers zero-inits output convs and our nulls)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_shapes_and_optional_caption():
+    m = make()
+    x, zi, zt, states = batch()
+    t = torch.tensor([0, 500, 999])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert m(x, t, zi, zt, states, mask).shape == x.shape
+    assert m(x, t, zi).shape == x.shape  # caption optional
+    lv = make(dataclasses.replace(TINY, learned_variance=True))
+    assert lv(x, t, zi).shape == (3, 6, 16, 16)
+    with pytest.raises(ValueError, match="image_emb"):
+        m(x, t, zi[:, :10])
+    with pytest.raises(ValueError, match="text_states"):
+        m(x, t, zi, zt, states[..., :7])
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        DecoderConfig(image_size=32, block_out_channels=[32, 64], attention_resolutions=[4], norm_num_groups=8)
+    with pytest.raises(ValueError, match="prediction_type"):
+        dataclasses.replace(TINY, prediction_type="x0")
+    with pytest.raises(ValueError, match="text_dropout"):
+        dataclasses.replace(TINY, text_dropout=1.5)
+
+
+def test_sizes_and_attention_placement():
+    counts = {}
+    for name, cfg in SIZES.items():
+        with torch.device("meta"):  # no memory: count parameters of even the paper size
+            m = Decoder(cfg)
+        counts[name] = sum(p.numel() for p in m.parameters())
+        # attention exactly at the configured resolutions (+ the mid block)
+        attn_blocks = [i for i, b in enumerate(m.unet.down_blocks) if hasattr(b, "attentions")]
+        assert [cfg.block_resolutions()[i] for i in attn_blocks] == sorted(cfg.attention_resolutions, reverse=True)
+        assert m.unet.config.class_embed_type == "identity"
+        assert m.text_proj.clip_image_embeddings_project_to_time_embeddings.out_features == 4 * cfg.block_out_channels[0]
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["paper"]
+    assert 0.8e9 < counts["base"] < 1.0e9  # Karlo's decoder is ~900M
+
+
+def test_text_proj_matches_diffusers_reference():
+    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    ref = mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=24, time_embed_dim=32, cross_attention_dim=16)
+    ours = TextProj(24, 32, 16, 4)
+    perturb(ref)
+    ours.load_state_dict(ref.state_dict())  # same parameter names and shapes
+    g = torch.Generator().manual_seed(0)
+    zi, zt, states = torch.randn(2, 24, generator=g), torch.randn(2, 24, generator=g), torch.randn(2, 6, 24, generator=g)
+    ctx_ref, time_ref = ref(image_embeddings=zi, prompt_embeds=zt, text_encoder_hidden_states=states, do_classifier_free_guidance=False)
+    ctx, time_add = ours(zi, zt, states)
+    torch.testing.assert_close(ctx, ctx_ref)
+    torch.testing.assert_close(time_add, time_ref)
+    assert ctx.shape == (2, 4 + 6, 16)
+
+
+def test_dropout_rates_within_tolerance():
+    cfg = dataclasses.replace(TINY, image_emb_dropout=0.1, text_dropout=0.5)
+    m = make(cfg)
+    seen = {"image": [], "text": []}
+
+    def spy(x, t, zi, zt, states, mask, drop_image, drop_text):  # replaces the U-Net pass
+        seen["image"].append(drop_image)
+        seen["text"].append(drop_text)
+        return torch.zeros_like(x, requires_grad=True)
+
+    m.forward = spy
+    x, zi, zt, states = batch(B=200)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        m.training_loss(x, zi, zt, states, generator=g)
+    di, dt = torch.cat(seen["image"]).float(), torch.cat(seen["text"]).float()
+    n = di.numel()
+    for rate, p in ((di.mean(), 0.1), (dt.mean(), 0.5), ((di * dt).mean(), 0.05)):  # independent draws
+        assert abs(rate.item() - p) < 4 * math.sqrt(p * (1 - p) / n), (rate, p)
+
+
+def test_dropped_rows_use_the_learned_nulls():
+    m = perturb(make())
+    x, zi, zt, states = batch()
+    t = torch.tensor([10, 400, 900])
+    yes, no = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)
+    null_i = m.text_proj.learned_classifier_free_guidance_embeddings.expand(3, -1)
+    dropped = m(x, t, zi, zt, states, drop_image=yes, drop_text=no)
+    torch.testing.assert_close(dropped, m(x, t, null_i, zt, states))
+    both = m(x, t, zi, zt, states, drop_image=yes, drop_text=yes)
+    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, 5, -1))
+    torch.testing.assert_close(both, nulls)
+    # only the selected rows change
+    some = torch.tensor([True, False, False])
+    part = m(x, t, zi, zt, states, drop_image=some, drop_text=some)
+    full = m(x, t, zi, zt, states)
+    torch.testing.assert_close(part[1:], full[1:])
+    assert not torch.allclose(part[:1], full[:1])
+    # the unconditional branch of the denoiser is the fully-dropped network
+    fn = m.model_fn(zi, zt, states)
+    torch.testing.assert_close(fn(x, t, False), both)
+    torch.testing.assert_close(fn(x, t, True), full)
+
+
+def test_guidance_one_equals_conditional_sample():
+    m = perturb(make())
+    _, zi, zt, states = batch()
+    a = m.sample(zi, zt, states, steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, m.sample(zi, zt, states, steps=4, x_T=x_T))
+    b = m.sample(zi, zt, states, steps=4, guidance_scale=3.0, x_T=x_T)
+    assert not torch.allclose(a, b)
+
+
+def test_loss_falls_and_overfits_four_images():
+    """x0-prediction decoder, no dropout: 150 steps make a DDIM sample reproduce each training
+    image from its z_i (and not the others)."""
+    cfg = dataclasses.replace(TINY, prediction_type="sample", image_emb_dropout=0.0, text_dropout=0.0)
+    m = make(cfg).train()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    imgs = torch.stack([
+        torch.stack([xx, -xx, yy]), torch.stack([yy * 0 + 0.8, xx * yy, -yy]),
+        torch.stack([(xx**2 + yy**2 < 0.5).float() * 2 - 1] * 3), torch.stack([xx.sign(), yy.sign(), (xx * yy).sign()]),
+    ])
+    g = torch.Generator().manual_seed(0)
+    zi = torch.nn.functional.normalize(torch.randn(4, cfg.clip_dim, generator=g), dim=-1) * 8
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = m.training_loss(imgs, zi, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.1 * sum(losses[:10])
+    m.eval()
+    out = m.sample(zi, steps=20, generator=torch.Generator().manual_seed(1))
+    mse = ((out - imgs) ** 2).mean(dim=(1, 2, 3))
+    other = ((out - imgs.roll(1, 0)) ** 2).mean(dim=(1, 2, 3))
+    assert mse.max() < 0.05, mse
+    assert other.min() > 10 * mse.max()
+
+
+def test_learned_variance_loss_is_finite_and_trains_variance_head():
+    m = make(dataclasses.replace(TINY, learned_variance=True)).train()
+    x, zi, zt, states = batch()
+    loss = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert m.unet.conv_out.weight.grad[3:].abs().sum() > 0  # the variance channels get gradient
+    m.eval()
+    out = m.sample(zi, steps=3, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path):
+    m = perturb(make())
+    checkpoint.save(m, tmp_path / "dec")
+    loaded = checkpoint.load(tmp_path / "dec").eval()
+    assert isinstance(loaded, Decoder) and loaded.config == m.config
+    x, zi, zt, states = batch()
+    t = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        assert torch.equal(m(x, t, zi, zt, states), loaded(x, t, zi, zt, states))
+
+
+def test_diffusers_directory_loads_with_same_forward(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from models.decoder import unet_kwargs
+
+    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    torch.manual_seed(3)
+    unet = perturb(UNet2DConditionModel(**unet_kwargs(TINY))).eval()
+    proj = perturb(mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=TINY.clip_dim,
+                                           time_embed_dim=TINY.time_embed_dim, cross_attention_dim=TINY.cross_attention_dim))
+    unet.save_pretrained(tmp_path / "decoder")
+    proj.save_pretrained(tmp_path / "text_proj")
+    m = Decoder.from_diffusers(tmp_path / "decoder", tmp_path / "text_proj").eval()
+    assert m.config.image_size == 16 and m.config.attention_resolutions == [8]
+    x, zi, zt, states = batch()
+    t = torch.tensor([5, 50, 500])
+    with torch.no_grad():
+        ctx, add = proj(image_embeddings=zi, prompt_embeds=zt, text_encoder_hidden_states=states, do_classifier_free_guidance=False)
+        ref = unet(x, t, encoder_hidden_states=ctx, class_labels=add).sample
+        torch.testing.assert_close(m(x, t, zi, zt, states), ref)
+        assert torch.equal(m.unet(x, t, encoder_hidden_states=ctx, class_labels=add).sample, ref)
