@@ -1,0 +1,253 @@
+"""Training throughput (samples/s) of our diffusion prior and decoder, and of DALLE2-pytorch's
+DiffusionPrior and Unet/Decoder at matched parameter counts, in the same process. Prints JSON.
+
+    python benchmarks/train_step.py                      # all models, default sizes
+    python benchmarks/train_step.py --only prior --seconds 5
+
+A training step is what a training loop does: loss (noise, timesteps and condition dropout
+drawn inside) + backward + AdamW step, fp32 unless --bf16 (CPU/GPU autocast). Random inputs of
+the right shapes; throughput does not depend on their values. Nothing here asserts on time.
+
+DALLE2-pytorch (lucidrains/DALLE2-pytorch) is optional. It requires open_clip_torch<3, which
+clashes with this project's pin, so do not install it into the project venv; install it and its
+small pure-Python deps beside it and put that directory on PYTHONPATH, e.g.
+
+    pip install --no-deps --target /tmp/d2lib dalle2-pytorch==1.15.6 einops einx ema-pytorch \
+        rotary-embedding-torch resize-right x-clip CoCa-pytorch vector-quantize-pytorch \
+        torch-einops-utils frozendict loguru beartype embedding-reader pytorch-warmup \
+        clip-anytorch kornia kornia_rs accelerate
+    PYTHONPATH=/tmp/d2lib python benchmarks/train_step.py
+
+Matching: DALLE2-pytorch's prior network is as wide as the CLIP embedding (ours too in these
+sizes), so we keep its width and heads and choose the depth whose parameter count is closest to
+ours; its U-Net is given our channel multipliers, resnet blocks per level and attention levels,
+and the base width (a multiple of 8) whose parameter count is closest to ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from models.prior import SIZES as PRIOR_SIZES  # noqa: E402
+from models.prior import DiffusionPrior, PriorConfig  # noqa: E402
+
+# Two prior sizes: ~4M (STACK.md's CPU reference point) and the named "small" (21M).
+PRIOR_BENCH = {
+    "w256": (PriorConfig(embed_dim=256, text_dim=256, text_len=77, num_heads=4, head_dim=64, num_layers=4), 64),
+    "small": (PRIOR_SIZES["small"], 32),
+}
+DECODER_BENCH = {"tiny": 16, "small": 8}  # named decoder size -> batch
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def measure(step, batch: int, seconds: float, min_steps: int = 3, warmup: int = 1) -> dict:
+    """Run `step()` until `seconds` have passed (and at least min_steps), after warm-up steps."""
+    for _ in range(warmup):
+        step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_steps or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy shared machine
+    return {"batch": batch, "steps": len(times), "step_s_median": round(step_s, 4), "samples_per_s": round(batch / step_s, 2)}
+
+
+def train_step(model: torch.nn.Module, loss_fn, amp: bool, device: str):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return step
+
+
+# --- ours -----------------------------------------------------------------------------------
+
+
+def our_prior(config: PriorConfig, batch: int, device: str):
+    model = DiffusionPrior(config).to(device)
+    data = {
+        "image_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
+        "text_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
+        "text_states": torch.randn(batch, config.text_len, config.text_dim, device=device),
+    }
+    return model, lambda: model.loss(data)
+
+
+def our_decoder(size: str, batch: int, device: str, text_len: int = 77):
+    from models.decoder import SIZES, Decoder
+
+    config = SIZES[size]
+    model = Decoder(config).to(device)
+    s = config.image_size
+    x0 = torch.rand(batch, config.in_channels, s, s, device=device) * 2 - 1
+    image_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
+    text_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
+    states = torch.randn(batch, text_len, config.text_dim, device=device)
+    return model, config, lambda: model.training_loss(x0, image_emb, text_emb, states)
+
+
+# --- DALLE2-pytorch ---------------------------------------------------------------------------
+
+
+def d2_prior(config: PriorConfig, target_params: int, batch: int, device: str):
+    from dalle2_pytorch import DiffusionPrior as D2Prior
+    from dalle2_pytorch import DiffusionPriorNetwork
+
+    def build(depth):
+        net = DiffusionPriorNetwork(
+            dim=config.embed_dim, depth=depth, dim_head=config.head_dim, heads=config.num_heads,
+            num_timesteps=config.num_train_timesteps, max_text_len=config.text_len,
+        )
+        return D2Prior(
+            net=net, image_embed_dim=config.embed_dim, timesteps=config.num_train_timesteps,
+            cond_drop_prob=config.text_drop_prob, condition_on_text_encodings=True,
+        )
+
+    with torch.device("meta"):
+        depth = min(range(1, 33), key=lambda d: abs(n_params(build(d)) - target_params))
+    model = build(depth).to(device)
+    zi = F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1)
+    zt = F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1)
+    states = torch.randn(batch, config.text_len, config.embed_dim, device=device)
+    # its forward scales image_embed in place, hence the clone
+    return model, {"depth": depth}, lambda: model(text_embed=zt, image_embed=zi.clone(), text_encodings=states)
+
+
+def d2_decoder(config, target_params: int, batch: int, device: str, text_len: int = 77):
+    from dalle2_pytorch import Decoder as D2Decoder
+    from dalle2_pytorch import Unet as D2Unet
+
+    chans = config.block_out_channels
+    mults = tuple(c / chans[0] for c in chans)
+    attn = tuple(r in config.attention_resolutions for r in config.block_resolutions())
+
+    def build_unet(dim):
+        return D2Unet(
+            dim=dim, image_embed_dim=config.clip_dim, text_embed_dim=config.text_dim, channels=config.in_channels,
+            dim_mults=tuple(int(round(m)) if float(m).is_integer() else m for m in mults),
+            cond_on_image_embeds=True, cond_on_text_encodings=True, self_attn=attn,
+            num_resnet_blocks=config.layers_per_block, attn_dim_head=32, attn_heads=max(1, dim // 32), resnet_groups=8,
+        )
+
+    with torch.device("meta"):
+        dim = min(range(8, 8 * 65, 8), key=lambda d: abs(n_params(build_unet(d)) - target_params))
+    unet = build_unet(dim)
+    model = D2Decoder(
+        unet=unet, image_size=config.image_size, timesteps=config.num_train_timesteps,
+        image_cond_drop_prob=config.image_emb_dropout, text_cond_drop_prob=config.text_dropout, learned_variance=False,
+    ).to(device)
+    s = config.image_size
+    images = torch.rand(batch, config.in_channels, s, s, device=device)  # it normalises [0, 1] itself
+    image_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
+    states = torch.randn(batch, text_len, config.text_dim, device=device)
+    return model, {"dim": dim}, lambda: model(images, image_embed=image_emb, text_encodings=states)
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["prior", "decoder"], default=None)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement (after warm-up)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for all models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-dalle2", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    report = {
+        "benchmark": "train_step",
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "dtype": "bf16-autocast" if args.bf16 else "fp32",
+        "results": [],
+        "unavailable": {},
+    }
+    d2_ok = False
+    if args.skip_dalle2:
+        report["unavailable"]["dalle2_pytorch"] = "skipped (--skip-dalle2)"
+    else:
+        try:
+            import dalle2_pytorch
+
+            report["dalle2_pytorch"] = getattr(dalle2_pytorch, "__version__", None) or _dist_version("dalle2-pytorch")
+            d2_ok = True
+        except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+            report["unavailable"]["dalle2_pytorch"] = (
+                f"not importable ({type(e).__name__}: {e}); see this script's docstring for a side install"
+            )
+
+    def run(kind, size, impl, built, batch, extra=None):
+        model, loss_fn = built[0], built[-1]
+        r = {"model": kind, "size": size, "impl": impl, "params": n_params(model), **(extra or {})}
+        r.update(measure(train_step(model, loss_fn, args.bf16, args.device), batch, args.seconds))
+        report["results"].append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the report goes to stdout
+        return r
+
+    ratios = {}
+    if args.only in (None, "prior"):
+        for size, (config, batch) in PRIOR_BENCH.items():
+            ours = run("prior", size, "unclip-pipeline", our_prior(config, batch, args.device), batch)
+            if d2_ok:
+                model, extra, fn = d2_prior(config, ours["params"], batch, args.device)
+                theirs = run("prior", size, "dalle2_pytorch", (model, fn), batch, extra)
+                ratios[f"prior/{size}"] = round(ours["samples_per_s"] / theirs["samples_per_s"], 2)
+            del ours
+    if args.only in (None, "decoder"):
+        try:
+            import models.decoder  # noqa: F401
+        except ImportError as e:
+            report["unavailable"]["decoder"] = f"models.decoder is not importable yet ({e})"
+        else:
+            for size, batch in DECODER_BENCH.items():
+                model, config, fn = our_decoder(size, batch, args.device)
+                ours = run("decoder", size, "unclip-pipeline", (model, fn), batch, {"image_size": config.image_size})
+                if d2_ok:
+                    m2, extra, fn2 = d2_decoder(config, ours["params"], batch, args.device)
+                    theirs = run("decoder", size, "dalle2_pytorch", (m2, fn2), batch, {"image_size": config.image_size, **extra})
+                    ratios[f"decoder/{size}"] = round(ours["samples_per_s"] / theirs["samples_per_s"], 2)
+    report["speedup_vs_dalle2_pytorch"] = ratios
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
