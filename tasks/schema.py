@@ -33,8 +33,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import tarfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,57 @@ def shard_id(path: str | os.PathLike) -> str:
     return Path(path).name.removesuffix(RAW_SHARD_SUFFIX)
 
 
+class TruncatedShard(tarfile.ReadError):
+    """A tar shard ends before its end-of-archive marker (or is not a tar at all)."""
+
+
+def _has_end_marker(path: str) -> bool:
+    """An uncompressed tar ends with two zero 512-byte blocks; Python's tarfile does not check this
+    and stops quietly at a missing header, so a shard cut at a member boundary would pass unnoticed."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head == b"\x1f\x8b" or head == b"BZ" or head == b"\xfd7":  # compressed: tarfile checks the stream
+            return True
+        size = f.seek(0, os.SEEK_END)
+        if size < 1024 or size % 512:
+            return False
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
+def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Exception]:
+    """(key, {extension: bytes}) per sample of a webdataset tar, in order (key = member name up to the
+    first dot of its base name). If the tar is damaged, yields the exception as the last item, after
+    the samples that were read completely before the damage (the sample at the damage point is
+    dropped: some of its files may be missing)."""
+    current_key, fields = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = f"{directory}/{stem}" if directory else stem
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise TruncatedShard(f"{path}: {member.name} is cut short")
+                if key != current_key and current_key is not None:
+                    yield current_key, fields
+                    fields = {}
+                current_key = key
+                fields[ext.lower()] = data
+        if not _has_end_marker(path):
+            raise TruncatedShard(f"{path}: no end-of-archive marker (truncated)")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # truncated or not a tar
+        yield e
+        return
+    if current_key is not None:
+        yield current_key, fields
+
+
 # --- embedding table --------------------------------------------------------------------------
 EMBED_METADATA_KEY = b"unclip.embed"
 EMBEDDING_FILE_SUFFIX = ".parquet"
@@ -100,6 +152,30 @@ def embedding_schema(embed_dim: int, context_length: int, emb_dtype: str = "floa
 
 
 EMBEDDING_COLUMNS = tuple(embedding_schema(1, 1).names)
+
+
+# The CLIP encoder that produced a table: `<embed dir>/clip/clip_spec.json` (+ clip.safetensors when the
+# weights are not a named open_clip tag, e.g. a random-init tiny architecture).
+CLIP_DIR = "clip"
+CLIP_SPEC_NAME = "clip_spec.json"
+CLIP_WEIGHTS_NAME = "clip.safetensors"
+
+
+def load_embedding_clip(embed_dir: str | os.PathLike, device: str = "cpu"):
+    """The frozen `models.clip.ClipEncoder` that embedded the table in `embed_dir` (for encoding
+    prompts at sampling time with exactly the same CLIP)."""
+    from models.clip import load_clip
+
+    clip_dir = Path(embed_dir) / CLIP_DIR
+    spec_path = clip_dir / CLIP_SPEC_NAME
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{spec_path} is missing: {embed_dir} is not an embed stage output")
+    spec = json.loads(spec_path.read_text())
+    pretrained = spec.get("pretrained")
+    if (clip_dir / CLIP_WEIGHTS_NAME).is_file() and spec.get("random_init_seed") is not None:
+        pretrained = str(clip_dir / CLIP_WEIGHTS_NAME)  # the table's own copy, wherever storage moved
+    return load_clip(spec.get("model"), pretrained, arch=spec.get("arch"), device=device,
+                     precision=spec.get("precision", "fp32"), context_length=spec.get("context_length"))
 
 
 def embedding_file(directory: str | os.PathLike, shard: str) -> Path:

@@ -1,0 +1,469 @@
+"""Embed stage: CLIP image/text embeddings of the ingested shards, one Parquet file per tar shard.
+
+Ray Data streaming pipeline:
+
+    shard paths ──► read + decode + preprocess (tasks, `decode_cpus` each; a generator that streams
+                    chunks of a shard)
+                ──► CLIP encode (actor pool, `batch_size` rows per call, `num_gpus_per_actor`)
+                ──► driver: rows grouped by shard; a shard's file is written (atomically) once all
+                    of its rows have arrived.
+
+Each reader ends a shard with a marker row carrying the number of rows it emitted, so the driver
+knows when a shard is complete whatever order the blocks arrive in. Damaged input is counted and
+skipped, never fatal: an undecodable image or a non-UTF-8 caption drops that sample; a truncated
+tar keeps the samples before the damage; an unreadable tar yields an empty file.
+
+Incremental: a shard whose output file exists with the same fingerprint (CLIP spec, dtype,
+filter) is not embedded again, so a re-run after a crash, or after new shards arrived, embeds only
+the shards without output and never duplicates a row. Random-init CLIP weights (tiny demo/test
+architectures) are created once, saved under `clip/`, and reused by every actor and every re-run;
+`tasks.schema.load_embedding_clip` rebuilds the encoder that produced the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.context import StageContext
+from tasks.schema import (
+    CAPTION_EXTENSION,
+    CLIP_DIR,
+    CLIP_SPEC_NAME,
+    CLIP_WEIGHTS_NAME,
+    IMAGE_EXTENSIONS,
+    METADATA_EXTENSION,
+    atomic_write,
+    embedding_file,
+    embedding_schema,
+    embedding_table,
+    iter_tar_samples,
+    list_raw_shards,
+    read_embedding_metadata,
+    remove_stale_temp_files,
+    shard_id,
+    write_embeddings,
+)
+
+STATUS_OK = "ok"
+STATUS_CORRUPT_IMAGE = "corrupt_image"
+STATUS_CORRUPT_CAPTION = "corrupt_caption"
+STATUS_INCOMPLETE = "incomplete_sample"  # an image without a caption or the other way round
+STATUS_FILTERED = "filtered_similarity"
+MARKER = "__end__"
+
+
+class EmbedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clip_model: str | None = Field("ViT-L-14", description="open_clip model name (ignored when clip_arch is set)")
+    clip_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag, or a local .safetensors path (relative: to storage); "
+        "None: random init (only sensible with clip_arch, for tests and the demo)")
+    clip_arch: dict[str, Any] | str | None = Field(
+        None, description="custom open_clip architecture: a model cfg dict, a JSON file, or 'tiny'")
+    context_length: int | None = Field(None, ge=8, le=512, description="override the text context length")
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    emb_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the embeddings")
+    batch_size: int = Field(64, ge=1, le=65536, description="rows per encoder call")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0, description="GPUs per encoder actor (0: CPU)")
+    actor_pool_size: int | None = Field(None, ge=1, le=4096, description="encoder actors (default: from cluster)")
+    cpus_per_actor: float | None = Field(None, gt=0.0, le=256.0, description="CPUs reserved per encoder actor")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="intra-op threads per encoder actor")
+    decode_cpus: float = Field(0.5, gt=0.0, le=16.0, description="CPUs reserved per decode task")
+    min_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, description="drop pairs with z_i·z_t below this (LAION: 0.28 with ViT-B/32)")
+
+    @model_validator(mode="after")
+    def _needs_a_model(self):
+        if self.clip_arch is None and not self.clip_model:
+            raise ValueError("embed: set clip_model (e.g. 'ViT-L-14') or clip_arch (e.g. 'tiny')")
+        return self
+
+
+# --- CLIP spec: what builds the encoder, identical on every actor and every re-run ---------------------
+def _arch_dict(arch: dict | str | None, storage: Path) -> dict | None:
+    if arch is None:
+        return None
+    if isinstance(arch, dict):
+        return arch
+    if arch == "tiny":
+        from models.clip import TINY_CLIP_ARCH
+
+        return TINY_CLIP_ARCH
+    path = Path(arch) if Path(arch).is_absolute() else storage / arch
+    if not path.is_file():
+        raise FileNotFoundError(f"embed.clip_arch: {arch!r} is neither 'tiny', a dict, nor an existing JSON file")
+    return json.loads(path.read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_clip_spec(cfg: EmbedConfig, out_dir: Path, storage: Path, seed: int) -> dict[str, Any]:
+    """A JSON-able spec that `build_clip` turns into the same encoder anywhere.
+
+    Random-init architectures get their weights created once (seeded) and saved as
+    `<out_dir>/clip/clip.safetensors`; a later run reuses that file if the architecture is unchanged.
+    """
+    arch = _arch_dict(cfg.clip_arch, storage)
+    pretrained = cfg.clip_pretrained
+    if arch is not None and pretrained is not None and not Path(pretrained).is_absolute() and not pretrained.startswith(("hf-hub:",)):
+        pretrained = str(storage / pretrained)
+    if arch is None and pretrained is not None and not Path(pretrained).is_absolute() and (storage / pretrained).is_file():
+        pretrained = str(storage / pretrained)
+    spec: dict[str, Any] = {"model": None if arch is not None else cfg.clip_model, "pretrained": pretrained,
+                            "arch": arch, "context_length": cfg.context_length, "precision": cfg.precision}
+    clip_dir = out_dir / CLIP_DIR
+    if arch is not None and pretrained is None:
+        weights = clip_dir / CLIP_WEIGHTS_NAME
+        saved = clip_dir / CLIP_SPEC_NAME
+        same = saved.is_file() and weights.is_file() and json.loads(saved.read_text()).get("arch") == arch \
+            and json.loads(saved.read_text()).get("context_length") == cfg.context_length
+        if not same:
+            import torch
+
+            from models.clip import load_clip, save_clip_weights
+
+            torch.manual_seed(seed)
+            encoder = load_clip(arch=arch, context_length=cfg.context_length)
+            clip_dir.mkdir(parents=True, exist_ok=True)
+            save_clip_weights(encoder, weights)
+        spec["pretrained"] = str(weights)
+        spec["random_init_seed"] = seed
+    if spec["pretrained"] is not None and Path(spec["pretrained"]).is_file():
+        spec["weights_sha256"] = _sha256(Path(spec["pretrained"]))
+    return spec
+
+
+def clip_fingerprint(spec: dict[str, Any], cfg: EmbedConfig) -> str:
+    keyed = {k: v for k, v in spec.items() if k not in ("pretrained", "random_init_seed")}
+    keyed["pretrained"] = spec["pretrained"] if "weights_sha256" not in spec else None  # content, not path
+    keyed.update(emb_dtype=cfg.emb_dtype, min_similarity=cfg.min_similarity)
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_clip(spec: dict[str, Any], device: str = "cpu"):
+    from models.clip import load_clip
+
+    return load_clip(spec["model"], spec["pretrained"], arch=spec["arch"], device=device,
+                     precision=spec.get("precision", "fp32"), context_length=spec.get("context_length"))
+
+
+# --- read + decode (Ray tasks) ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _tokenizer(context_length: int):
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+def _decode_sample(fields: dict[str, bytes], preprocessor) -> tuple[str, np.ndarray | None, str, str]:
+    """(status, image uint8 HWC or None, caption, split)."""
+    from PIL import Image
+
+    image_bytes = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
+    split = ""
+    if METADATA_EXTENSION in fields:
+        try:
+            split = str(json.loads(fields[METADATA_EXTENSION]).get("split") or "")
+        except (ValueError, AttributeError):
+            split = ""
+    if image_bytes is None or CAPTION_EXTENSION not in fields:
+        return STATUS_INCOMPLETE, None, "", split
+    try:
+        caption = fields[CAPTION_EXTENSION].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return STATUS_CORRUPT_CAPTION, None, "", split
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as im:
+            im.load()
+            array = preprocessor(im)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return STATUS_CORRUPT_IMAGE, None, caption, split
+    return STATUS_OK, array, caption, split
+
+
+def read_shard(batch: dict[str, np.ndarray], preprocess_cfg: dict, context_length: int,
+               chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator UDF: one shard path in, chunks of decoded rows out, then a marker row."""
+    from models.clip import ImagePreprocessor
+
+    preprocessor = ImagePreprocessor(preprocess_cfg)
+    tokenizer = _tokenizer(context_length)
+    size = preprocessor.image_size
+    blank = np.zeros((size, size, 3), np.uint8)
+    for path in batch["path"]:
+        shard = shard_id(str(path))
+        rows: list[tuple] = []
+        emitted = 0
+        truncated = 0
+
+        def flush():
+            keys, captions, splits, images, statuses = zip(*rows) if rows else ((),) * 5
+            tokens = tokenizer(list(captions)).numpy().astype(np.int32) if rows else np.zeros((0, context_length), np.int32)
+            return {
+                "key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object),
+                "shard": np.array([shard] * len(rows), dtype=object), "split": np.array(splits, dtype=object),
+                "status": np.array(statuses, dtype=object), "count": np.zeros(len(rows), np.int64),
+                "image": np.stack(images) if rows else np.zeros((0, size, size, 3), np.uint8), "text_tokens": tokens,
+            }
+
+        for item in iter_tar_samples(str(path)):
+            if isinstance(item, Exception):
+                truncated = 1
+                break
+            key, fields = item
+            status, image, caption, split = _decode_sample(fields, preprocessor)
+            rows.append((key, caption, split, image if image is not None else blank, status))
+            if len(rows) >= chunk_rows:
+                emitted += len(rows)
+                yield flush()
+                rows = []
+        if rows:
+            emitted += len(rows)
+            yield flush()
+        rows = []
+        marker = flush()
+        for name, value in (("key", ""), ("caption", ""), ("shard", shard), ("split", ""),
+                            ("status", MARKER if not truncated else MARKER + "truncated")):
+            marker[name] = np.array([value], dtype=object)
+        marker["count"] = np.array([emitted], np.int64)
+        marker["image"] = blank[None]
+        marker["text_tokens"] = np.zeros((1, context_length), np.int32)
+        yield marker
+
+
+# --- encode (actor pool) --------------------------------------------------------------------------------
+class ClipEncodeActor:
+    """Holds one CLIP encoder; embeds the `ok` rows of a batch, passes the other rows through."""
+
+    def __init__(self, spec: dict[str, Any], device: str, threads: int | None, emb_dtype: str,
+                 min_similarity: float | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device
+        self.clip = build_clip(spec, device=device)
+        self.dtype = np.float16 if emb_dtype == "float16" else np.float32
+        self.min_similarity = min_similarity
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        status = np.asarray(batch["status"], dtype=object)
+        ok = np.flatnonzero(status == STATUS_OK)
+        n, d = len(status), self.clip.embed_dim
+        image_emb = np.zeros((n, d), self.dtype)
+        text_emb = np.zeros((n, d), self.dtype)
+        similarity = np.zeros(n, np.float32)
+        if len(ok):
+            with torch.inference_mode():
+                z_i = self.clip.encode_image(self.clip.normalize(batch["image"][ok]))
+                z_t = self.clip.encode_text(torch.as_tensor(batch["text_tokens"][ok], dtype=torch.long))
+            sim = (z_i * z_t).sum(-1).cpu().numpy().astype(np.float32)
+            image_emb[ok] = z_i.cpu().numpy().astype(self.dtype)
+            text_emb[ok] = z_t.cpu().numpy().astype(self.dtype)
+            similarity[ok] = sim
+            if self.min_similarity is not None:
+                status = status.copy()
+                status[ok[sim < self.min_similarity]] = STATUS_FILTERED
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(status=status, image_emb=image_emb, text_emb=text_emb, similarity=similarity)
+        return out
+
+
+# --- resources ------------------------------------------------------------------------------------------
+def plan_resources(cfg: EmbedConfig, cluster: dict[str, float], pending_shards: int) -> dict[str, Any]:
+    """Actor pool size, CPUs/GPUs per actor and torch threads from the cluster's resources.
+
+    CPU only: one actor per 8 CPUs; the actor reserves half the CPUs it stands for, leaving the rest
+    to the decode tasks, and runs that many intra-op threads (on a 2-CPU machine: 1 actor, 1 CPU
+    reserved, 2 threads, decode tasks at 0.5 CPU each). GPUs: one actor per `num_gpus_per_actor`.
+    """
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    if cfg.num_gpus_per_actor > 0:
+        if gpus < cfg.num_gpus_per_actor:
+            raise ValueError(f"embed.num_gpus_per_actor={cfg.num_gpus_per_actor} but the Ray cluster has {gpus:g} GPUs; "
+                             "set embed.num_gpus_per_actor: 0 to encode on CPUs")
+        size = cfg.actor_pool_size or max(1, int(gpus // cfg.num_gpus_per_actor))
+        per_actor = cfg.cpus_per_actor or min(1.0, max(0.25, (cpus - cfg.decode_cpus) / (2 * size)))
+        threads = cfg.torch_threads or max(1, int(per_actor))
+    else:
+        size = cfg.actor_pool_size or max(1, int(cpus // 8))
+        per_actor = cfg.cpus_per_actor or max(0.25, min(cpus / size / 2, 8.0))
+        threads = cfg.torch_threads or max(1, int(cpus // size))
+    if size * per_actor + cfg.decode_cpus > cpus + 1e-9:
+        raise ValueError(
+            f"embed: {size} encoder actors x {per_actor:g} CPUs + a decode task ({cfg.decode_cpus:g} CPUs) need more "
+            f"than the cluster's {cpus:g} CPUs, which would stall the pipeline; lower embed.actor_pool_size or "
+            "embed.cpus_per_actor (fractional values are fine)")
+    return {"actor_pool_size": size, "cpus_per_actor": per_actor, "gpus_per_actor": cfg.num_gpus_per_actor,
+            "torch_threads": threads, "decode_cpus": cfg.decode_cpus}
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+def _shard_table(rows: list[dict[str, np.ndarray]], schema) -> tuple:
+    """Concatenate a shard's batches, keep `ok` rows; (table, status counts)."""
+    cols = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else {}
+    status = cols.get("status", np.array([], dtype=object))
+    counts = {s: int((status == s).sum()) for s in (STATUS_OK, STATUS_CORRUPT_IMAGE, STATUS_CORRUPT_CAPTION,
+                                                     STATUS_INCOMPLETE, STATUS_FILTERED)}
+    keep = np.flatnonzero(status == STATUS_OK)
+    d = schema.field("image_emb").type.list_size
+    length = schema.field("text_tokens").type.list_size
+    data = {
+        "key": cols["key"][keep].tolist() if rows else [],
+        "caption": cols["caption"][keep].tolist() if rows else [],
+        "shard": cols["shard"][keep].tolist() if rows else [],
+        "split": cols["split"][keep].tolist() if rows else [],
+        "image_emb": cols["image_emb"][keep] if rows else np.zeros((0, d)),
+        "text_emb": cols["text_emb"][keep] if rows else np.zeros((0, d)),
+        "text_tokens": cols["text_tokens"][keep] if rows else np.zeros((0, length)),
+        "similarity": cols["similarity"][keep] if rows else np.zeros(0),
+    }
+    return embedding_table(data, schema), counts
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="embed: shards", unit="shard", disable=not enabled)
+
+
+def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
+    import ray
+
+    t0 = time.perf_counter()
+    out_dir = Path(ctx.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    shards = list_raw_shards(ctx.input("ingest"))
+
+    spec = resolve_clip_spec(cfg, out_dir, Path(ctx.storage), ctx.seed)
+    fingerprint = clip_fingerprint(spec, cfg)
+    (out_dir / CLIP_DIR).mkdir(exist_ok=True)
+    atomic_write(out_dir / CLIP_DIR / CLIP_SPEC_NAME,
+                 lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
+
+    pending, existing, stale = [], 0, 0
+    for path in shards:
+        target = embedding_file(out_dir, shard_id(path))
+        if target.is_file():
+            if read_embedding_metadata(target).get("fingerprint") == fingerprint:
+                existing += 1
+                continue
+            stale += 1
+        pending.append(path)
+
+    counts: dict[str, float] = defaultdict(float)
+    counts.update(shards_total=len(shards), shards_skipped_existing=existing, shards_reembedded_stale=stale,
+                  shards_embedded=0, shards_truncated=0, rows=0, rows_read=0, skipped_corrupt=0,
+                  skipped_corrupt_image=0, skipped_corrupt_caption=0, skipped_incomplete=0, filtered_similarity=0)
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        plan = plan_resources(cfg, ray.cluster_resources(), len(pending))
+        counts.update({f"plan_{k}": float(v) for k, v in plan.items()})
+        encoder_probe = build_clip(spec)  # cheap for tiny models; needed for dims and preprocessing
+        embed_dim, context_length = encoder_probe.embed_dim, encoder_probe.context_length
+        preprocess_cfg = encoder_probe.preprocess_cfg
+        del encoder_probe
+        schema = embedding_schema(embed_dim, context_length, cfg.emb_dtype,
+                                  metadata={"fingerprint": fingerprint, "clip": spec})
+        device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+
+        data_ctx = ray.data.DataContext.get_current()
+        saved = (data_ctx.target_max_block_size, data_ctx.enable_progress_bars)
+        # small blocks: a shard streams through in chunks instead of one big block of decoded images
+        data_ctx.target_max_block_size = 16 * 2**20
+        data_ctx.enable_progress_bars = ctx.show_progress
+        try:
+            ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
+            ds = ds.map_batches(read_shard, batch_size=1, num_cpus=plan["decode_cpus"],
+                                fn_kwargs={"preprocess_cfg": preprocess_cfg, "context_length": context_length,
+                                           "chunk_rows": cfg.batch_size})
+            ds = ds.map_batches(
+                ClipEncodeActor, batch_size=cfg.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan["actor_pool_size"]),
+                num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
+                fn_constructor_kwargs={"spec": spec, "device": device, "threads": plan["torch_threads"],
+                                       "emb_dtype": cfg.emb_dtype, "min_similarity": cfg.min_similarity})
+        finally:
+            data_ctx.target_max_block_size, data_ctx.enable_progress_bars = saved
+
+        buffers: dict[str, list] = defaultdict(list)
+        seen: dict[str, int] = defaultdict(int)
+        expected: dict[str, int] = {}
+        truncated: set[str] = set()
+        with _progress(len(pending), ctx.show_progress) as bar:
+            def finish(shard: str):
+                table, status_counts = _shard_table(buffers.pop(shard), schema)
+                write_embeddings(table, embedding_file(out_dir, shard))
+                counts["shards_embedded"] += 1
+                counts["rows"] += table.num_rows
+                counts["rows_read"] += sum(status_counts.values())
+                counts["skipped_corrupt_image"] += status_counts[STATUS_CORRUPT_IMAGE]
+                counts["skipped_corrupt_caption"] += status_counts[STATUS_CORRUPT_CAPTION]
+                counts["skipped_incomplete"] += status_counts[STATUS_INCOMPLETE]
+                counts["filtered_similarity"] += status_counts[STATUS_FILTERED]
+                bar.update(1)
+
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                status = batch["status"]
+                is_marker = np.array([str(s).startswith(MARKER) for s in status])
+                data_rows = np.flatnonzero(~is_marker)
+                if len(data_rows):
+                    for shard in np.unique(batch["shard"][data_rows]):
+                        sel = data_rows[batch["shard"][data_rows] == shard]
+                        buffers[shard].append({k: v[sel] for k, v in batch.items()})
+                        seen[shard] += len(sel)
+                for i in np.flatnonzero(is_marker):
+                    shard = str(batch["shard"][i])
+                    expected[shard] = int(batch["count"][i])
+                    if str(status[i]) != MARKER:
+                        truncated.add(shard)
+                for shard in [s for s in expected if seen[s] == expected[s]]:
+                    buffers.setdefault(shard, [])
+                    finish(shard)
+                    del expected[shard], seen[shard]
+        if expected or buffers:
+            raise RuntimeError(f"embed: incomplete shards after the pipeline finished: {sorted(set(expected) | set(buffers))}")
+        counts["shards_truncated"] = len(truncated)
+        if truncated:
+            import logging
+
+            logging.getLogger(__name__).warning("embed: truncated or unreadable tar shards (rows before the damage were kept): %s",
+                                                sorted(truncated))
+    counts["skipped_corrupt"] = (counts["skipped_corrupt_image"] + counts["skipped_corrupt_caption"]
+                                 + counts["skipped_incomplete"])
+    counts["seconds"] = time.perf_counter() - t0
+    if counts["seconds"] > 0 and counts["rows_read"]:
+        counts["samples_per_second"] = counts["rows_read"] / counts["seconds"]
+    _log_mlflow(counts)
+    return dict(counts)
+
+
+def _log_mlflow(counts: dict[str, float]) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: float(v) for k, v in counts.items() if math.isfinite(float(v))})
