@@ -54,18 +54,26 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def measure(step, batch: int, seconds: float, min_steps: int = 3, warmup: int = 1) -> dict:
-    """Run `step()` until `seconds` have passed (and at least min_steps), after warm-up steps."""
-    for _ in range(warmup):
-        step()
-    times = []
+def measure(steps: dict, batch: int, seconds: float, min_rounds: int = 3, warmup: int = 1) -> dict:
+    """Time each `steps[name]()`, interleaved (A, B, A, B, ...) so that a busy shared machine slows
+    all contenders alike; stops after `seconds` per contender (and at least min_rounds rounds)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     start = time.perf_counter()
-    while len(times) < min_steps or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy shared machine
-    return {"batch": batch, "steps": len(times), "step_s_median": round(step_s, 4), "samples_per_s": round(batch / step_s, 2)}
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < seconds * len(steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        step_s = sorted(ts)[len(ts) // 2]  # median: robust to stalls from other processes
+        out[name] = {"batch": batch, "steps": len(ts), "step_s_median": round(step_s, 4), "samples_per_s": round(batch / step_s, 2)}
+    return out
 
 
 def train_step(model: torch.nn.Module, loss_fn, amp: bool, device: str):
@@ -88,12 +96,22 @@ def train_step(model: torch.nn.Module, loss_fn, amp: bool, device: str):
 # --- ours -----------------------------------------------------------------------------------
 
 
-def our_prior(config: PriorConfig, batch: int, device: str):
+def caption_states(batch: int, text_len: int, width: int, tokens: tuple[int, int], device: str):
+    """Token states of captions with lengths uniform in `tokens` (inclusive), zero-padded to
+    text_len, and their mask: what a CLIP text encoder hands the prior."""
+    lengths = torch.randint(tokens[0], tokens[1] + 1, (batch,))
+    mask = (torch.arange(text_len)[None] < lengths[:, None]).to(device)
+    return torch.randn(batch, text_len, width, device=device) * mask[..., None], mask
+
+
+def our_prior(config: PriorConfig, batch: int, device: str, tokens: tuple[int, int]):
     model = DiffusionPrior(config).to(device)
+    states, mask = caption_states(batch, config.text_len, config.text_dim, tokens, device)
     data = {
         "image_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
         "text_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
-        "text_states": torch.randn(batch, config.text_len, config.text_dim, device=device),
+        "text_states": states,
+        "text_mask": mask,
     }
     return model, lambda: model.loss(data)
 
@@ -114,7 +132,7 @@ def our_decoder(size: str, batch: int, device: str, text_len: int = 77):
 # --- DALLE2-pytorch ---------------------------------------------------------------------------
 
 
-def d2_prior(config: PriorConfig, target_params: int, batch: int, device: str):
+def d2_prior(config: PriorConfig, target_params: int, batch: int, device: str, tokens: tuple[int, int]):
     from dalle2_pytorch import DiffusionPrior as D2Prior
     from dalle2_pytorch import DiffusionPriorNetwork
 
@@ -133,7 +151,7 @@ def d2_prior(config: PriorConfig, target_params: int, batch: int, device: str):
     model = build(depth).to(device)
     zi = F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1)
     zt = F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1)
-    states = torch.randn(batch, config.text_len, config.embed_dim, device=device)
+    states, _ = caption_states(batch, config.text_len, config.embed_dim, tokens, device)  # it masks zero rows
     # its forward scales image_embed in place, hence the clone
     return model, {"depth": depth}, lambda: model(text_embed=zt, image_embed=zi.clone(), text_encodings=states)
 
@@ -178,7 +196,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for all models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-dalle2", action="store_true")
+    parser.add_argument("--caption-tokens", type=int, nargs=2, default=(6, 20), metavar=("MIN", "MAX"),
+                        help="caption lengths in CLIP tokens for the prior (of 77); 77 77 for no padding")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     report = {
@@ -188,6 +211,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "dtype": "bf16-autocast" if args.bf16 else "fp32",
+        "prior_caption_tokens": list(args.caption_tokens),
         "results": [],
         "unavailable": {},
     }
@@ -205,23 +229,28 @@ def main(argv=None) -> dict:
                 f"not importable ({type(e).__name__}: {e}); see this script's docstring for a side install"
             )
 
-    def run(kind, size, impl, built, batch, extra=None):
-        model, loss_fn = built[0], built[-1]
-        r = {"model": kind, "size": size, "impl": impl, "params": n_params(model), **(extra or {})}
-        r.update(measure(train_step(model, loss_fn, args.bf16, args.device), batch, args.seconds))
-        report["results"].append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the report goes to stdout
-        return r
-
     ratios = {}
+
+    def compare(kind, size, batch, ours, theirs_builder, extra=None):
+        """ours = (model, loss_fn); theirs_builder(params) -> (model, extra, loss_fn), or None."""
+        contenders = {"unclip-pipeline": (ours[0], ours[1], {})}
+        if d2_ok:
+            model, info, fn = theirs_builder(n_params(ours[0]))
+            contenders["dalle2_pytorch"] = (model, fn, info)
+        steps = {name: train_step(m, fn, args.bf16, args.device) for name, (m, fn, _) in contenders.items()}
+        timed = measure(steps, batch, args.seconds)
+        for name, (m, _, info) in contenders.items():
+            r = {"model": kind, "size": size, "impl": name, "params": n_params(m), **(extra or {}), **info, **timed[name]}
+            report["results"].append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the report goes to stdout
+        if d2_ok:
+            ratios[f"{kind}/{size}"] = round(timed["unclip-pipeline"]["samples_per_s"] / timed["dalle2_pytorch"]["samples_per_s"], 2)
+
     if args.only in (None, "prior"):
         for size, (config, batch) in PRIOR_BENCH.items():
-            ours = run("prior", size, "unclip-pipeline", our_prior(config, batch, args.device), batch)
-            if d2_ok:
-                model, extra, fn = d2_prior(config, ours["params"], batch, args.device)
-                theirs = run("prior", size, "dalle2_pytorch", (model, fn), batch, extra)
-                ratios[f"prior/{size}"] = round(ours["samples_per_s"] / theirs["samples_per_s"], 2)
-            del ours
+            tokens = tuple(args.caption_tokens)
+            model, fn = our_prior(config, batch, args.device, tokens)
+            compare("prior", size, batch, (model, fn), lambda p: d2_prior(config, p, batch, args.device, tokens))
     if args.only in (None, "decoder"):
         try:
             import models.decoder  # noqa: F401
@@ -230,11 +259,8 @@ def main(argv=None) -> dict:
         else:
             for size, batch in DECODER_BENCH.items():
                 model, config, fn = our_decoder(size, batch, args.device)
-                ours = run("decoder", size, "unclip-pipeline", (model, fn), batch, {"image_size": config.image_size})
-                if d2_ok:
-                    m2, extra, fn2 = d2_decoder(config, ours["params"], batch, args.device)
-                    theirs = run("decoder", size, "dalle2_pytorch", (m2, fn2), batch, {"image_size": config.image_size, **extra})
-                    ratios[f"decoder/{size}"] = round(ours["samples_per_s"] / theirs["samples_per_s"], 2)
+                compare("decoder", size, batch, (model, fn), lambda p: d2_decoder(config, p, batch, args.device),
+                        {"image_size": config.image_size})
     report["speedup_vs_dalle2_pytorch"] = ratios
     print(json.dumps(report, indent=2))
     return report

@@ -88,6 +88,21 @@ def test_causal_mask_is_applied():
     assert not torch.allclose(seen[0][:, -1], seen[1][:, -1])  # the final query sees z_i
 
 
+def test_null_condition_from_an_encoded_empty_caption():
+    """set_null_condition: the unconditional branch becomes the given (short) caption encoding."""
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY).eval()
+    _perturb(model)
+    empty = _data(1, tokens=2)
+    model.set_null_condition(empty["text_emb"][0], empty["text_states"][0])
+    assert model.null_text_mask.tolist() == [True, True] + [False] * (TINY.text_len - 2)
+    d, x, t = _data(2), torch.randn(2, TINY.embed_dim), torch.tensor([10, 900])
+    with torch.no_grad():
+        uncond = model.model_fn(d["text_emb"], d["text_states"], None)(x, t, False)
+        expected = model(x, t, empty["text_emb"].expand(2, -1), empty["text_states"].expand(2, -1, -1))
+    torch.testing.assert_close(uncond, expected)
+
+
 def test_overfits_32_pairs():
     torch.manual_seed(0)
     model = DiffusionPrior(TINY)
@@ -117,14 +132,16 @@ def test_text_dropout_rate(p):
         model.null_text_emb.fill_(7.0)
         model.null_text_states.fill_(-3.0)
     seen = []
-    model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["proj_embedding"], kw["encoder_hidden_states"])), with_kwargs=True)
+    seen_states = []
+    model.transformer.embedding_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.transformer.encoder_hidden_states_proj.register_forward_pre_hook(lambda m, a: seen_states.append(a[0]))
     d = _data(4096)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
             model.loss(d, generator=g)
-    emb = torch.cat([e for e, _ in seen])
-    states = torch.cat([s for _, s in seen])
+    emb = torch.cat(seen)
+    states = torch.cat(seen_states)
     dropped = (emb == 7.0).all(-1)
     assert torch.equal(dropped, (states == -3.0).all(-1).all(-1))  # embedding and tokens dropped together
     n = dropped.numel()
@@ -140,7 +157,7 @@ def test_guidance_combination():
     x, t = torch.randn(3, TINY.embed_dim), torch.tensor(321)
     with torch.no_grad():
         cond = model(x, t, d["text_emb"], d["text_states"], mask)
-        uncond = model(x, t, model.null_text_emb.expand(3, -1), model.null_text_states.expand(3, -1, -1))
+        uncond = model(x, t, model.null_text_emb.expand(3, -1), model.null_text_states.expand(3, -1, -1), model.null_text_mask.expand(3, -1))
         assert not torch.allclose(cond, uncond)
         torch.testing.assert_close(model.guided_x0(x, t, d["text_emb"], d["text_states"], mask, 1.0), cond)
         for s in (0.0, 2.5, 4.0):
@@ -247,16 +264,22 @@ def test_loads_diffusers_save_pretrained(tmp_path):
     assert (ours.config.embed_dim, ours.config.text_len, ours.config.num_layers) == (16, 6, 2)
     g = torch.Generator().manual_seed(0)
     x, emb, states = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(2, 6, 16, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     t = torch.tensor([3, 500])
     with torch.no_grad():
-        expected = reference(x, t, proj_embedding=emb, encoder_hidden_states=states, attention_mask=mask).predicted_image_embedding
-        torch.testing.assert_close(ours(x, t, emb, states, mask), expected, rtol=1e-5, atol=1e-6)
+        # second mask: padding shared by both rows, which our forward cuts off before the blocks
+        for mask in ([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]):
+            mask = torch.tensor(mask, dtype=torch.bool)
+            expected = reference(x, t, proj_embedding=emb, encoder_hidden_states=states, attention_mask=mask).predicted_image_embedding
+            torch.testing.assert_close(ours(x, t, emb, states, mask), expected, rtol=1e-5, atol=1e-5)
+            # padding values do not matter, and neither does how much of it is passed
+            n = int(mask.sum(1).max())
+            torch.testing.assert_close(ours(x, t, emb, states[:, :n], mask[:, :n]), expected, rtol=1e-5, atol=1e-5)
         # The scaling is diffusers' post_process_latents (the perturbed clip_mean/std were loaded).
         torch.testing.assert_close(ours.from_latent(x), reference.post_process_latents(x))
         torch.testing.assert_close(ours.to_latent(ours.from_latent(x)), x, rtol=1e-4, atol=1e-4)
     # and it trains and saves like one of ours
     ours.train().loss({"image_emb": emb, "text_emb": emb, "text_states": states}).backward()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     checkpoint.save(ours, tmp_path / "ours")
     again = checkpoint.load(tmp_path / "ours").eval()
     with torch.no_grad():
