@@ -18,6 +18,12 @@ small pure-Python deps beside it and put that directory on PYTHONPATH, e.g.
         clip-anytorch kornia kornia_rs accelerate
     PYTHONPATH=/tmp/d2lib python benchmarks/train_step.py
 
+Captions: the prior gets token states of captions 6-20 CLIP tokens long (of 77; --caption-tokens),
+zero-padded with a mask, as a CLIP text encoder produces them. DALLE2-pytorch always runs all 77
+positions; ours cuts the padding shared by the batch (see models/prior.py), which is most of its
+advantage: `--caption-tokens 77 77` measures the no-padding case. On a shared, busy machine use
+`--threads 1`; contenders are timed interleaved so that load from other processes hits both.
+
 Matching: DALLE2-pytorch's prior network is as wide as the CLIP embedding (ours too in these
 sizes), so we keep its width and heads and choose the depth whose parameter count is closest to
 ours; its U-Net is given our channel multipliers, resnet blocks per level and attention levels,
