@@ -12,10 +12,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.embed import EmbedConfig
 from tasks.ingest import IngestConfig
+from tasks.pca import PcaConfig
 from tasks.synth import SynthConfig
 
-STAGE_ORDER = ("synth", "ingest")  # the DAG's topological order; pipelines.dag holds the edges
+STAGE_ORDER = ("synth", "ingest", "embed", "pca")  # the DAG's topological order; pipelines.dag holds the edges
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,8 @@ class PipelineConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    pca: PcaConfig = Field(default_factory=PcaConfig)
 
     @field_validator("stages")
     @classmethod

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import ingest, synth
+from tasks import embed, ingest, pca, synth
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Stage:
     # what is missing; the others are wiped and redone whenever their manifest does not match.
     incremental: bool = False
     external_inputs: Callable[[PipelineConfig], list[str]] = field(default=lambda cfg: [])
+    needs_ray: bool = False  # the runner starts (or joins) Ray before such a stage
 
 
 DAG: dict[str, Stage] = {
@@ -32,6 +33,9 @@ DAG: dict[str, Stage] = {
         incremental=True,
         external_inputs=lambda cfg: [cfg.ingest.url_list] if cfg.ingest.url_list else [],
     ),
+    # embed keeps one Parquet file per finished tar shard and embeds only shards without one
+    "embed": Stage("embed", embed.run, inputs=lambda cfg: ("ingest",), incremental=True, needs_ray=True),
+    "pca": Stage("pca", pca.run, inputs=lambda cfg: ("embed",)),
 }
 assert tuple(DAG) == STAGE_ORDER
 

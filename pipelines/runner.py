@@ -101,6 +101,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     (out_dir / STARTED).write_text(config_hash)
     console.print(f"[bold cyan]▶  {stage.name}[/]" + (" (resuming: keeping finished parts)" if resume and any(out_dir.iterdir()) else ""))
 
+    if stage.needs_ray:
+        ensure_ray(cfg)
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
     started = datetime.now(timezone.utc)
     with mlflow.start_run(run_name=stage.name, nested=True):

@@ -48,25 +48,28 @@ def mlflow_runs(db: Path) -> pd.DataFrame:
 
 def test_second_run_skips_and_mlflow_has_parent_and_children(tmp_path):
     storage = tmp_path / "store"
-    first = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", cwd=tmp_path)
-    assert "✓  synth" in first.stderr and "✓  ingest" in first.stderr
+    first = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", cwd=tmp_path)
+    for stage in ("synth", "ingest", "embed", "pca"):
+        assert f"✓  {stage}" in first.stderr
     manifest = yaml.safe_load((storage / "ingest" / "_manifest.json").read_text())
     assert manifest["counts"]["success"] == 30 and manifest["package_version"]
-    second = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", cwd=tmp_path)
-    assert "synth: up to date" in second.stderr and "ingest: up to date" in second.stderr
+    assert yaml.safe_load((storage / "embed" / "_manifest.json").read_text())["counts"]["rows"] == 30
+    second = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", cwd=tmp_path)
+    for stage in ("synth", "ingest", "embed", "pca"):
+        assert f"{stage}: up to date" in second.stderr
 
     runs = mlflow_runs(storage / "mlflow.db")
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parents) == 2
     first_parent = parents.sort_values("start_time").iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == first_parent["run_id"]]
-    assert sorted(children["tags.mlflow.runName"]) == ["ingest", "synth"]
+    assert sorted(children["tags.mlflow.runName"]) == ["embed", "ingest", "pca", "synth"]
     ingest_run = children[children["tags.mlflow.runName"] == "ingest"].iloc[0]
     assert ingest_run["metrics.success"] == 30 and ingest_run["params.image_size"] == "64"
 
     # a changed stage setting re-runs that stage and the ones after it, not the ones before
-    third = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "ingest.image_size=32", cwd=tmp_path)
-    assert "synth: up to date" in third.stderr and "✓  ingest" in third.stderr
+    third = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "ingest.image_size=32", "--until", "ingest", cwd=tmp_path)
+    assert "synth: up to date" in third.stderr and "✓  ingest" in third.stderr and "embed" not in third.stderr
 
 
 def test_mlflow_env_var_is_honoured(tmp_path):
