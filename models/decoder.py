@@ -212,10 +212,10 @@ class Decoder(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
 
-    def scheduler(self, sampler: str = "ddpm"):
+    def scheduler(self, sampler: str = "ddpm", clip_sample: float | None = 1.0):
         cfg = self.config
         return diffusion.make_scheduler(sampler, schedule=cfg.schedule, prediction_type=cfg.prediction_type,
-                                        num_train_timesteps=cfg.num_train_timesteps, clip_sample=1.0,
+                                        num_train_timesteps=cfg.num_train_timesteps, clip_sample=clip_sample,
                                         learned_variance=cfg.learned_variance)
 
     def training_loss(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None,
@@ -294,15 +294,17 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def sample(self, image_emb, text_emb=None, text_states=None, text_mask=None, *, steps: int = 50,
                sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               clip_sample: float | None = 1.0) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1]. x_T: start noise (section 3's bipartite latent);
-        drawn from `generator` if absent."""
+        drawn from `generator` if absent. clip_sample: clamp each step's predicted x0 to
+        [-c, c]; None when decoding an inverted x_T exactly (inversion does not clip)."""
         cfg = self.config
         if x_T is None:
             shape = (image_emb.shape[0], cfg.in_channels, cfg.image_size, cfg.image_size)
             x_T = diffusion.randn(shape, generator, device=image_emb.device, dtype=image_emb.dtype)
         fn = self.model_fn(image_emb, text_emb, text_states, text_mask)
-        x = diffusion.sample(fn, self.scheduler(sampler), x_T, steps, eta=eta, generator=generator,
+        x = diffusion.sample(fn, self.scheduler(sampler, clip_sample), x_T, steps, eta=eta, generator=generator,
                              guidance_scale=guidance_scale)
         return x.clamp(-1, 1)
 
@@ -310,7 +312,7 @@ class Decoder(nn.Module):
     def invert(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None, *, steps: int = 50,
                guidance_scale: float = 1.0) -> torch.Tensor:
         """DDIM inversion x0 -> x_T conditioned on z_i (and caption); `sample(..., x_T=x_T, eta=0,
-        steps=steps)` reconstructs x0."""
+        steps=steps, clip_sample=None)` reconstructs x0 (same guidance_scale)."""
         fn = self.model_fn(image_emb, text_emb, text_states, text_mask)
         return diffusion.ddim_invert(fn, self.scheduler("ddim_inverse"), x0, steps, guidance_scale=guidance_scale)
 
