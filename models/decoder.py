@@ -322,7 +322,9 @@ class Decoder(nn.Module):
     def from_diffusers(cls, unet_dir: str | Path, text_proj_dir: str | Path | None = None, **overrides) -> "Decoder":
         """Build from a `save_pretrained` UNet2DConditionModel directory (e.g. Karlo's `decoder/`)
         and, optionally, the matching `text_proj/` directory. `overrides` set DecoderConfig fields
-        that diffusers does not store (clip_dim, text_dim when there is no text_proj, dropout rates...)."""
+        that diffusers does not store (clip_dim, text_dim when there is no text_proj, dropout rates...).
+        The null-caption parameters are not in diffusers and start at zero; to reproduce Karlo's
+        unconditional branch set them from the text encoder's encoding of an empty caption."""
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
         uc = unet.config
         for key, want in _FIXED_UNET.items():

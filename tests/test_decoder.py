@@ -215,3 +215,21 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path):
         ref = unet(x, t, encoder_hidden_states=ctx, class_labels=add).sample
         torch.testing.assert_close(m(x, t, zi, zt, states), ref)
         assert torch.equal(m.unet(x, t, encoder_hidden_states=ctx, class_labels=add).sample, ref)
+
+
+def test_attention_head_dim_is_head_width_for_simple_cross_attention():
+    """diffusers' SimpleCrossAttn blocks split channels into channels // attention_head_dim heads
+    (unlike its transformer blocks, where the argument counts heads)."""
+    m = make()
+    attn = m.unet.down_blocks[1].attentions[0]
+    assert attn.heads == TINY.block_out_channels[1] // TINY.attention_head_dim
+
+
+def test_training_loss_under_bf16_autocast():
+    m = make(dataclasses.replace(TINY, learned_variance=True)).train()
+    x, zi, zt, states = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -163,3 +163,11 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path, block_type):
     bad.save_pretrained(tmp_path / "attn")
     with pytest.raises(checkpoint.CheckpointError, match="add_attention"):
         Upsampler.from_diffusers(tmp_path / "attn")
+
+
+def test_training_loss_under_bf16_autocast():
+    m = make(dataclasses.replace(TINY, degradation="bsr", noise_aug_max=0.3)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
