@@ -73,7 +73,8 @@ class Stage:
 
 
 # Karlo's published settings (prior 25 steps, guidance 4; decoder 50 steps, guidance 8; SR 7).
-DEFAULT_PRIOR = dict(steps=25, guidance_scale=4.0)
+# The prior's keyword arguments default to the prior's own (the AR prior has no `steps`).
+KARLO_DIFFUSION_PRIOR = dict(steps=25, guidance_scale=4.0)
 DEFAULT_DECODER = Stage(steps=50, guidance_scale=8.0)
 DEFAULT_UPSAMPLER = Stage(steps=7)
 
@@ -178,10 +179,10 @@ class UnCLIP:
     def sample(self, captions: Sequence[str] | TextCondition, *, generator: torch.Generator | None = None,
                prior: dict | None = None, decoder: Stage = DEFAULT_DECODER, upsamplers: Sequence[Stage] | None = None,
                use_caption: bool = True, return_image_emb: bool = False):
-        """Text to image. prior: keyword arguments of prior.sample (steps, guidance_scale,
-        candidates, ...); use_caption: also give the caption to the decoder (it helps little)."""
+        """Text to image. prior: keyword arguments of prior.sample (e.g. KARLO_DIFFUSION_PRIOR, or
+        steps/guidance_scale/candidates; temperature/dot_bucket for the AR prior); use_caption: also give the caption to the decoder (it helps little)."""
         text = self.encode_text(captions)
-        z_i = self.sample_image_emb(text, generator, **(DEFAULT_PRIOR if prior is None else prior))
+        z_i = self.sample_image_emb(text, generator, **(prior or {}))
         image = self.decode(z_i, text if use_caption else None, decoder=decoder, upsamplers=upsamplers, generator=generator)
         return (image, z_i) if return_image_emb else image
 

@@ -8,6 +8,15 @@ import torch
 from models import degradations as Dg
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def images(B=4, size=32, seed=0):
     """Sharp-edged test images in [-1, 1] (checkerboard + noise): lots of high frequencies."""
     g = torch.Generator().manual_seed(seed)

@@ -19,6 +19,15 @@ DEC = dataclasses.replace(dec.SIZES["tiny"], image_size=16, attention_resolution
 UP = ups.SIZES["tiny"]  # 16 -> 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def perturb(model, scale=0.02, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -224,3 +233,16 @@ def test_text_diff_frames_and_pca_probe(model):
     x5 = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(probe[:1], model.decode(z_i, decoder=Stage(steps=3, guidance_scale=1.0), x_T=x5, upsample=False),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_with_the_real_diffusion_prior(model):
+    """The Protocol fits models.prior.DiffusionPrior (tiny, random): text -> z_i -> image."""
+    prior_mod = pytest.importorskip("models.prior")
+    torch.manual_seed(0)
+    prior = prior_mod.DiffusionPrior(prior_mod.prior_config("tiny", embed_dim=DEC.clip_dim, text_dim=DEC.text_dim)).eval()
+    unclip = UnCLIP(model.decoder, prior, model.upsamplers, fake_text_encoder)
+    image, z_i = unclip.sample(["a red circle"], generator=torch.Generator().manual_seed(0),
+                               prior=dict(steps=2, guidance_scale=2.0, candidates=2), decoder=Stage(steps=2),
+                               upsamplers=[Stage(steps=1)], return_image_emb=True)
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    torch.testing.assert_close(z_i.norm(dim=-1), torch.ones(1))
