@@ -200,8 +200,13 @@ class Decoder(nn.Module):
         if drop_text is not None and not no_text:
             text_emb = _where(drop_text, self.null_text_emb, text_emb)
             text_states = _where(drop_text, self.null_text_states, text_states)
-            if text_mask is not None:  # a dropped caption is all null tokens, all visible
-                text_mask = text_mask | drop_text.view(-1, 1)
+            # a dropped caption is one visible null token, whatever the batch's caption length,
+            # so the unconditional branch is the same as decoding with no caption at all
+            L = text_states.shape[1]
+            first = torch.zeros(L, dtype=torch.bool, device=x.device)
+            first[0] = True
+            keep = torch.ones(B, L, dtype=torch.bool, device=x.device) if text_mask is None else text_mask.bool()
+            text_mask = torch.where(drop_text.view(-1, 1), first.expand(B, L), keep)
         context, time_add = self.text_proj(image_emb, text_emb, text_states)
         mask = None
         if text_mask is not None:

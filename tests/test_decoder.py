@@ -127,8 +127,11 @@ def test_dropped_rows_use_the_learned_nulls():
     dropped = m(x, t, zi, zt, states, drop_image=yes, drop_text=no)
     torch.testing.assert_close(dropped, m(x, t, null_i, zt, states))
     both = m(x, t, zi, zt, states, drop_image=yes, drop_text=yes)
-    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, 5, -1))
+    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, 1, -1))
     torch.testing.assert_close(both, nulls)
+    torch.testing.assert_close(both, m(x, t, null_i))  # dropped caption == no caption
+    mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)  # padding does not change the null branch
+    torch.testing.assert_close(m(x, t, zi, zt, states, mask, drop_image=yes, drop_text=yes), both)
     # only the selected rows change
     some = torch.tensor([True, False, False])
     part = m(x, t, zi, zt, states, drop_image=some, drop_text=some)
