@@ -22,9 +22,12 @@ QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
 
 def unclip(*args, cwd, check=True, **popen):
     cmd = [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+    # mlflow.set_tracking_uri in this process (other tests) exports MLFLOW_TRACKING_URI: drop it
+    # so the CLI uses its default, <storage>/mlflow.db.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     if popen:
-        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"unclip {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
