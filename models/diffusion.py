@@ -142,7 +142,7 @@ def _timestep_batch(t, x: torch.Tensor) -> torch.Tensor:
 def sample(
     model_fn: ModelFn,
     scheduler,
-    x_T: torch.Tensor,
+    x_T: torch.Tensor | tuple[int, ...],
     steps: int,
     *,
     eta: float = 0.0,
@@ -151,9 +151,12 @@ def sample(
 ) -> torch.Tensor:
     """Run the reverse process from x_T with a DDPM or DDIM scheduler; returns x_0.
 
-    eta (DDIM only): 0 is the deterministic ODE path, 1 matches DDPM's posterior noise. The
-    scheduler is re-configured for `steps` (it is stateful in diffusers).
+    x_T: the start noise, or a shape to draw it from `generator`. eta (DDIM only): 0 is the
+    deterministic ODE path, 1 matches DDPM's posterior noise. The scheduler is re-configured for
+    `steps` (it is stateful in diffusers).
     """
+    if not isinstance(x_T, torch.Tensor):
+        x_T = randn(tuple(x_T), generator)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     is_ddim = isinstance(scheduler, DDIMScheduler)

@@ -179,6 +179,9 @@ def test_eta_controls_randomness():
     assert torch.equal(run(0.0, 1), run(0.0, 2))
     assert torch.equal(run(0.5, 1), run(0.5, 1))
     assert not torch.allclose(run(0.5, 1), run(0.5, 2))
+    # a shape instead of noise draws x_T from the generator first
+    from_shape = D.sample(model, sched, (8, 4), 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(from_shape, run(0.0, 5))
     with pytest.raises(ValueError, match="eta"):
         D.sample(model, D.make_scheduler("ddpm"), x_T, 10, eta=0.5)
 
