@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -224,8 +225,11 @@ class Decoder(nn.Module):
                                         learned_variance=cfg.learned_variance)
 
     def training_loss(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, network: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Mean loss for a batch of images x0 in [-1, 1]: draws t, noise and the CFG dropout masks.
+
+        network: what to call for the forward pass, default self; pass the DDP/FSDP wrapper of
+        this module so that its forward (and gradient synchronisation) runs.
 
         Simple MSE on the configured target; with learned variance plus the Improved-DDPM
         variational term (weight vlb_weight) that trains the variance head with a stopped mean.
@@ -239,7 +243,7 @@ class Decoder(nn.Module):
         drop_image = (torch.rand(B, generator=generator, device=gen_dev) < cfg.image_emb_dropout).to(dev)
         drop_text = (torch.rand(B, generator=generator, device=gen_dev) < cfg.text_dropout).to(dev)
         x_t = diffusion.add_noise(sched, x0, noise, t)
-        out = self(x_t, t, image_emb, text_emb, text_states, text_mask, drop_image, drop_text).float()
+        out = (network or self)(x_t, t, image_emb, text_emb, text_states, text_mask, drop_image, drop_text).float()
         C = x0.shape[1]
         target = diffusion.training_target(sched, x0, noise, t).float()
         loss = F.mse_loss(out[:, :C], target)

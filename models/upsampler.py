@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,10 +164,11 @@ class Upsampler(nn.Module):
         return diffusion.add_noise(sched, cond, noise, s), s
 
     def training_loss(self, hi: torch.Tensor, low: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, network: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """hi: (B, C, image_size, image_size) targets in [-1, 1]; low: their low-res versions
         (default: hi downsampled). Corrupts low, upsamples it, takes the same random crop of a
-        quarter of the side from both, and regresses the configured target on the crop."""
+        quarter of the side from both, and regresses the configured target on the crop.
+        network: the module to call for the forward pass (default self; the DDP/FSDP wrapper)."""
         cfg, B = self.config, hi.shape[0]
         if hi.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"hi has size {tuple(hi.shape[-2:])}, expected image_size={cfg.image_size}")
@@ -182,7 +184,7 @@ class Upsampler(nn.Module):
         sched = self._train_scheduler()
         t = diffusion.sample_timesteps(B, sched, generator, device=hi.device)
         noise = diffusion.randn(hi.shape, generator, device=hi.device, dtype=hi.dtype)
-        out = self(diffusion.add_noise(sched, hi, noise, t), t, cond, s).float()
+        out = (network or self)(diffusion.add_noise(sched, hi, noise, t), t, cond, s).float()
         return F.mse_loss(out, diffusion.training_target(sched, hi, noise, t).float())
 
     @torch.no_grad()

@@ -245,3 +245,23 @@ def test_training_loss_under_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_training_loss_calls_the_given_wrapper():
+    """Under DDP the wrapper's forward must run; training_loss(network=wrapper) does that."""
+    m = make().train()
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    w = Wrapper(m)
+    x, zi, zt, states = batch()
+    a = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0), network=w)
+    b = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
+    assert w.calls == 1 and torch.equal(a, b)

@@ -180,3 +180,12 @@ def test_training_loss_under_bf16_autocast():
         loss = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
+
+
+def test_training_loss_calls_the_given_wrapper():
+    m = make().train()
+    calls = []
+    wrapper = lambda *a, **kw: (calls.append(1), m(*a, **kw))[1]
+    a = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0), network=wrapper)
+    b = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0))
+    assert calls == [1] and torch.equal(a, b)
