@@ -10,7 +10,8 @@ For `SimpleCrossAttn*` blocks diffusers' `attention_head_dim` really is the widt
 
 Conditioning (`TextProj`, parameter names identical to diffusers' `UnCLIPTextProjModel`):
 z_i (and z_t) are projected and added to the timestep embedding, and z_i is projected into 4 extra
-context tokens placed next to the projected caption token states. Classifier-free guidance:
+context tokens placed next to the projected caption token states (before them, as diffusers does;
+the cross-attention has no positions, so "appended" in the paper is the same thing). Classifier-free guidance:
 in training z_i is replaced by a learned null embedding with p=0.1 and the caption (z_t and token
 states) by learned null embeddings with p=0.5, independently.
 

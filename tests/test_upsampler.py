@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 
 from models import checkpoint
-from models.upsampler import SIZES, Upsampler, UpsamplerConfig, downsample_to, unet_kwargs
+from models.upsampler import SIZES, Upsampler, downsample_to, unet_kwargs
 
 TINY = SIZES["tiny"]  # 16 -> 32 px, training crops 8 px
 
