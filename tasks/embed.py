@@ -42,13 +42,16 @@ from tasks.schema import (
     CLIP_DIR,
     CLIP_SPEC_NAME,
     CLIP_WEIGHTS_NAME,
+    EMBED_METADATA_KEY,
     IMAGE_EXTENSIONS,
     METADATA_EXTENSION,
     atomic_write,
     embedding_file,
     embedding_schema,
+    embed_metadata,
     embedding_table,
     iter_tar_samples,
+    list_embedding_files,
     list_raw_shards,
     read_embedding_metadata,
     remove_stale_temp_files,
@@ -92,6 +95,12 @@ class EmbedConfig(BaseModel):
         return self
 
 
+def _source_identity(path: Path) -> dict[str, int]:
+    """What ties an embedding file to the exact tar it came from (size and modification time)."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 # --- CLIP spec: what builds the encoder, identical on every actor and every re-run ---------------------
 def _arch_dict(arch: dict | str | None, storage: Path) -> dict | None:
     if arch is None:
@@ -131,20 +140,22 @@ def resolve_clip_spec(cfg: EmbedConfig, out_dir: Path, storage: Path, seed: int)
     spec: dict[str, Any] = {"model": None if arch is not None else cfg.clip_model, "pretrained": pretrained,
                             "arch": arch, "context_length": cfg.context_length, "precision": cfg.precision}
     clip_dir = out_dir / CLIP_DIR
-    if arch is not None and pretrained is None:
+    if pretrained is None:  # random init (tiny test/demo architectures): create once, share the file
         weights = clip_dir / CLIP_WEIGHTS_NAME
         saved = clip_dir / CLIP_SPEC_NAME
-        same = saved.is_file() and weights.is_file() and json.loads(saved.read_text()).get("arch") == arch \
-            and json.loads(saved.read_text()).get("context_length") == cfg.context_length
+        previous = json.loads(saved.read_text()) if saved.is_file() else {}
+        same = weights.is_file() and all(previous.get(k) == spec[k] for k in ("model", "arch", "context_length")) \
+            and previous.get("random_init_seed") == seed
         if not same:
             import torch
 
             from models.clip import load_clip, save_clip_weights
 
             torch.manual_seed(seed)
-            encoder = load_clip(arch=arch, context_length=cfg.context_length)
+            encoder = load_clip(spec["model"], None, arch=arch, context_length=cfg.context_length)
             clip_dir.mkdir(parents=True, exist_ok=True)
             save_clip_weights(encoder, weights)
+            del encoder
         spec["pretrained"] = str(weights)
         spec["random_init_seed"] = seed
     if spec["pretrained"] is not None and Path(spec["pretrained"]).is_file():
@@ -164,6 +175,12 @@ def build_clip(spec: dict[str, Any], device: str = "cpu"):
 
     return load_clip(spec["model"], spec["pretrained"], arch=spec["arch"], device=device,
                      precision=spec.get("precision", "fp32"), context_length=spec.get("context_length"))
+
+
+def describe_clip(spec: dict[str, Any]) -> tuple[int, int, dict]:
+    """(embed_dim, context_length, preprocess cfg) of the encoder a spec builds."""
+    encoder = build_clip(spec)
+    return encoder.embed_dim, encoder.context_length, encoder.preprocess_cfg
 
 
 # --- read + decode (Ray tasks) ------------------------------------------------------------------------
@@ -365,17 +382,23 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
                  lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
 
     pending, existing, stale = [], 0, 0
+    sources = {shard_id(p): _source_identity(p) for p in shards}
     for path in shards:
         target = embedding_file(out_dir, shard_id(path))
         if target.is_file():
-            if read_embedding_metadata(target).get("fingerprint") == fingerprint:
+            meta = read_embedding_metadata(target)
+            if meta.get("fingerprint") == fingerprint and meta.get("source") == sources[shard_id(path)]:
                 existing += 1
                 continue
-            stale += 1
+            stale += 1  # another CLIP/filter, or the tar was rewritten (e.g. ingest redone)
         pending.append(path)
+    orphans = [f for f in list_embedding_files(out_dir) if f.stem not in sources]
+    for f in orphans:  # its tar shard is gone: its rows must not stay in the table
+        f.unlink()
 
     counts: dict[str, float] = defaultdict(float)
     counts.update(shards_total=len(shards), shards_skipped_existing=existing, shards_reembedded_stale=stale,
+                  files_removed_orphan=len(orphans),
                   shards_embedded=0, shards_truncated=0, rows=0, rows_read=0, skipped_corrupt=0,
                   skipped_corrupt_image=0, skipped_corrupt_caption=0, skipped_incomplete=0, filtered_similarity=0)
     if pending:
@@ -383,10 +406,9 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
             ray.init()
         plan = plan_resources(cfg, ray.cluster_resources(), len(pending))
         counts.update({f"plan_{k}": float(v) for k, v in plan.items()})
-        encoder_probe = build_clip(spec)  # cheap for tiny models; needed for dims and preprocessing
-        embed_dim, context_length = encoder_probe.embed_dim, encoder_probe.context_length
-        preprocess_cfg = encoder_probe.preprocess_cfg
-        del encoder_probe
+        # dims and preprocessing from the model itself, built in a worker so the driver stays small
+        embed_dim, context_length, preprocess_cfg = ray.get(
+            ray.remote(describe_clip).options(num_cpus=plan["decode_cpus"]).remote(spec))
         schema = embedding_schema(embed_dim, context_length, cfg.emb_dtype,
                                   metadata={"fingerprint": fingerprint, "clip": spec})
         device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
@@ -417,6 +439,8 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         with _progress(len(pending), ctx.show_progress) as bar:
             def finish(shard: str):
                 table, status_counts = _shard_table(buffers.pop(shard), schema)
+                meta = {**embed_metadata(schema), "source": sources[shard]}
+                table = table.replace_schema_metadata({EMBED_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
                 write_embeddings(table, embedding_file(out_dir, shard))
                 counts["shards_embedded"] += 1
                 counts["rows"] += table.num_rows

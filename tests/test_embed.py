@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from models.clip import TINY_CLIP_ARCH
-from tests.shards import CORRUPT, PER_SHARD, TRUNCATED_SHARD, embedded, independent_embeddings, write_shards  # noqa: F401
+from tests.shards import CORRUPT, PER_SHARD, TRUNCATED_SHARD, embedded, independent_embeddings, write_shard, write_shards  # noqa: F401
 from tasks.context import StageContext
 from tasks.embed import EmbedConfig, plan_resources, run
 from tasks.schema import embed_metadata, list_embedding_files, load_embedding_clip, read_embeddings, to_matrix
@@ -171,9 +171,17 @@ def test_rerun_embeds_only_new_shards(embedded):
     assert {k: after[k] for k in before} == before and set(after) - set(before) == {"00006.parquet", "00007.parquet"}
     keys = read_embeddings(out)["key"].to_pylist()
     assert len(keys) == len(set(keys))
+    # a rewritten tar (ingest redone) is embedded again; a vanished tar takes its rows with it
+    write_shard(embedded.ingest, 0, PER_SHARD - 5)
+    (embedded.ingest / "00007.tar").unlink()
+    counts = run(cfg, ctx)
+    assert counts["shards_reembedded_stale"] == 1 and counts["shards_embedded"] == 1
+    assert counts["files_removed_orphan"] == 1 and counts["rows_read"] == PER_SHARD - 5
+    assert [f.stem for f in list_embedding_files(out)] == [f"{i:05d}" for i in range(7)]
+    assert pq.read_table(out / "00000.parquet").num_rows == counts["rows"]
     # a changed config (another filter) makes the old files stale: they are embedded again
     counts = run(cfg.model_copy(update={"min_similarity": None}), ctx)
-    assert counts["shards_reembedded_stale"] == 8 and counts["filtered_similarity"] == 0
+    assert counts["shards_reembedded_stale"] == 7 and counts["filtered_similarity"] == 0
 
 
 def test_plan_resources_on_small_and_gpu_clusters():
@@ -196,3 +204,15 @@ def test_config_errors_name_the_key():
         EmbedConfig(emb_dtype="int8")
     with pytest.raises(ValidationError, match="batchsize"):
         EmbedConfig(batchsize=3)
+
+
+def test_unreadable_tar_and_empty_shard_table(tmp_path):
+    from tasks.embed import _shard_table
+    from tasks.schema import embedding_schema, iter_tar_samples
+
+    bad = tmp_path / "00009.tar"
+    bad.write_bytes(b"this is not a tar archive" * 50)
+    items = list(iter_tar_samples(str(bad)))
+    assert len(items) == 1 and isinstance(items[0], Exception)
+    table, counts = _shard_table([], embedding_schema(64, 32))
+    assert table.num_rows == 0 and sum(counts.values()) == 0 and table.schema.names[0] == "key"
