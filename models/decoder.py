@@ -106,12 +106,20 @@ SIZES: dict[str, DecoderConfig] = {
                            cross_attention_dim=2048, learned_variance=True),
 }
 
-# UNet2DConditionModel settings fixed by this design (Karlo's); from_diffusers checks them.
+# UNet2DConditionModel settings fixed by this design (Karlo's); from_diffusers checks every key.
 _FIXED_UNET = dict(
     class_embed_type="identity", resnet_time_scale_shift="scale_shift", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5, downsample_padding=1, mid_block_scale_factor=1,
     only_cross_attention=False, addition_embed_type=None, encoder_hid_dim=None, time_embedding_type="positional",
 )
+
+
+def config_mismatch(ours, theirs) -> list[tuple[str, object, object]]:
+    """Keys where two diffusers model configs differ (private keys ignored): loading weights into
+    a differently configured module could succeed and still compute something else."""
+    norm = lambda k, v: any(v) if k == "only_cross_attention" and isinstance(v, (list, tuple)) else json.loads(json.dumps(v))
+    keys = sorted(k for k in set(ours) | set(theirs) if not k.startswith("_"))
+    return [(k, theirs.get(k), ours.get(k)) for k in keys if norm(k, ours.get(k)) != norm(k, theirs.get(k))]
 
 
 def unet_kwargs(cfg: DecoderConfig) -> dict:
@@ -337,10 +345,6 @@ class Decoder(nn.Module):
         unconditional branch set them from the text encoder's encoding of an empty caption."""
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
         uc = unet.config
-        for key, want in _FIXED_UNET.items():
-            got = uc.get(key)
-            if (list(got) if isinstance(got, (list, tuple)) else got) != want and not (key == "only_cross_attention" and got in (False, [False] * len(uc.block_out_channels))):
-                raise CheckpointError(f"{unet_dir}: UNet config {key}={got!r}, this decoder needs {want!r}")
         n = len(uc.block_out_channels)
         res = [uc.sample_size // 2**i for i in range(n)]
         attn = [r for r, b in zip(res, uc.down_block_types) if b.startswith("SimpleCrossAttn")]
@@ -354,8 +358,10 @@ class Decoder(nn.Module):
             fields.setdefault("text_dim", tp["clip_embeddings_dim"])
         fields.update(overrides)
         model = cls(DecoderConfig(**fields))
-        if unet_kwargs(model.config)["down_block_types"] != tuple(uc.down_block_types):
-            raise CheckpointError(f"{unet_dir}: block types {uc.down_block_types} are not of this decoder's form")
+        bad = config_mismatch(model.unet.config, uc)
+        if bad:
+            raise CheckpointError(f"{unet_dir}: this decoder cannot represent the UNet's " + ", ".join(
+                f"{k}={theirs!r} (ours: {ours!r})" for k, theirs, ours in bad))
         model.unet.load_state_dict(unet.state_dict())
         if text_proj_dir is not None:
             model.text_proj.load_state_dict(load_file(str(Path(text_proj_dir) / "diffusion_pytorch_model.safetensors")))

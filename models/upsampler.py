@@ -22,6 +22,7 @@ from torch import nn
 
 from . import degradations, diffusion
 from .checkpoint import CheckpointError, migration, register
+from .decoder import config_mismatch
 
 BLOCK_TYPES = {  # name -> (down block, up block)
     "plain": ("DownBlock2D", "UpBlock2D"),  # strided conv down, conv up
@@ -228,6 +229,10 @@ class Upsampler(nn.Module):
             raise CheckpointError(f"{unet_dir}: class_embed_type={uc.class_embed_type!r}; expected None or 'timestep'")
         fields.update(overrides)
         model = cls(UpsamplerConfig(**fields))
+        bad = config_mismatch(model.unet.config, uc)
+        if bad:
+            raise CheckpointError(f"{unet_dir}: this upsampler cannot represent the UNet's " + ", ".join(
+                f"{k}={theirs!r} (ours: {ours!r})" for k, theirs, ours in bad))
         model.unet.load_state_dict(unet.state_dict())
         return model
 

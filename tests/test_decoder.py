@@ -265,3 +265,13 @@ def test_training_loss_calls_the_given_wrapper():
     a = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0), network=w)
     b = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
     assert w.calls == 1 and torch.equal(a, b)
+
+
+def test_diffusers_directory_with_unsupported_settings_is_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from models.decoder import unet_kwargs
+
+    UNet2DConditionModel(**{**unet_kwargs(TINY), "resnet_out_scale_factor": 2.0}).save_pretrained(tmp_path / "d")
+    with pytest.raises(checkpoint.CheckpointError, match="resnet_out_scale_factor"):
+        Decoder.from_diffusers(tmp_path / "d")
