@@ -36,3 +36,14 @@ def ray_local(tmp_path_factory):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one intra-op thread, and far faster on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

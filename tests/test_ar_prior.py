@@ -16,13 +16,7 @@ from models.ar_prior import SIZES, ARPrior, ARPriorConfig, PcaBasis, ar_prior_co
 TINY = SIZES["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _embeddings(n: int, d: int, seed: int = 0) -> torch.Tensor:

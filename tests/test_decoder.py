@@ -14,13 +14,7 @@ from models.decoder import SIZES, Decoder, DecoderConfig, TextProj
 TINY = dataclasses.replace(SIZES["tiny"], image_size=16, attention_resolutions=[8])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(cfg=TINY, seed=0):

@@ -18,13 +18,7 @@ from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_sched
 TINY = SIZES["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb(module: torch.nn.Module, seed: int = 0) -> None:

@@ -19,13 +19,7 @@ DEC = dataclasses.replace(dec.SIZES["tiny"], image_size=16, attention_resolution
 UP = ups.SIZES["tiny"]  # 16 -> 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturb(model, scale=0.02, seed=1):

@@ -16,13 +16,7 @@ from models.upsampler import SIZES, Upsampler, downsample_to, unet_kwargs
 TINY = SIZES["tiny"]  # 16 -> 32 px, training crops 8 px
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(cfg=TINY, seed=0):
