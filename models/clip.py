@@ -121,6 +121,10 @@ def _build_model(model_name: str | None, pretrained: str | None, arch: dict | st
     name = model_name.replace("/", "-")
     if open_clip.get_model_config(name) is None and not name.startswith(("hf-hub:", "local-dir:")):
         raise ClipError(f"unknown open_clip model {model_name!r}; known names: {', '.join(open_clip.list_models())}")
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+        raise ClipError(f"{model_name!r} uses a Hugging Face tokenizer/text model; this pipeline supports open_clip "
+                        "models with the OpenAI BPE tokenizer (ViT-B-32, ViT-L-14, ViT-H-14, ViT-bigG-14, ...)")
     is_tag = pretrained is not None and open_clip.get_pretrained_cfg(name, pretrained) != {}
     if pretrained is not None and not is_tag and not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -288,6 +292,27 @@ def load_clip(model_name: str | None = None, pretrained: str | None = None, *,
     model = _build_model(model_name, pretrained, arch, device, precision, context_length)
     label = "custom" if arch is not None else model_name
     return ClipEncoder(model, name=f"{label}/{pretrained or 'random'}")
+
+
+def describe_clip(model_name: str | None = None, pretrained: str | None = None, *,
+                  arch: dict | str | os.PathLike | None = None, context_length: int | None = None) -> dict[str, Any]:
+    """{"embed_dim", "context_length", "preprocess_cfg"} of the encoder `load_clip` would build, without
+    loading or even allocating weights (the architecture is built on the meta device)."""
+    from open_clip.transform import merge_preprocess_dict
+
+    if model_name and str(model_name).startswith(("hf-hub:", "local-dir:")):
+        raise ClipError(f"describe_clip needs a built-in model name or an arch, not {model_name!r}")
+    with torch.device("meta"):
+        encoder = load_clip(model_name, None, arch=arch, device="meta", context_length=context_length)
+    cfg = dict(encoder.preprocess_cfg)
+    if arch is None and pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+        if tag_cfg:  # a named tag brings its own normalisation (e.g. SigLIP's 0.5 mean/std)
+            size = cfg["size"]
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+            cfg["size"] = size
+    return {"embed_dim": encoder.embed_dim, "context_length": encoder.context_length,
+            "preprocess_cfg": ImagePreprocessor(cfg).cfg}
 
 
 def save_clip_weights(encoder: ClipEncoder, path: str | os.PathLike) -> Path:

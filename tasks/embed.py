@@ -178,9 +178,25 @@ def build_clip(spec: dict[str, Any], device: str = "cpu"):
 
 
 def describe_clip(spec: dict[str, Any]) -> tuple[int, int, dict]:
-    """(embed_dim, context_length, preprocess cfg) of the encoder a spec builds."""
+    """(embed_dim, context_length, preprocess cfg) of the encoder a spec builds, by building it."""
     encoder = build_clip(spec)
     return encoder.embed_dim, encoder.context_length, encoder.preprocess_cfg
+
+
+def _describe(spec: dict[str, Any], cpus: float) -> tuple[int, int, dict]:
+    """Dims and preprocessing without weights (meta device) where open_clip allows; otherwise by
+    building the model in a Ray worker, so the driver never holds the weights."""
+    import ray
+
+    from models.clip import ClipError
+    from models.clip import describe_clip as describe_without_weights
+
+    try:
+        info = describe_without_weights(spec["model"], spec["pretrained"], arch=spec["arch"],
+                                        context_length=spec.get("context_length"))
+        return info["embed_dim"], info["context_length"], info["preprocess_cfg"]
+    except (ClipError, NotImplementedError, RuntimeError):
+        return ray.get(ray.remote(describe_clip).options(num_cpus=cpus).remote(spec))
 
 
 # --- read + decode (Ray tasks) ------------------------------------------------------------------------
@@ -406,9 +422,7 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
             ray.init()
         plan = plan_resources(cfg, ray.cluster_resources(), len(pending))
         counts.update({f"plan_{k}": float(v) for k, v in plan.items()})
-        # dims and preprocessing from the model itself, built in a worker so the driver stays small
-        embed_dim, context_length, preprocess_cfg = ray.get(
-            ray.remote(describe_clip).options(num_cpus=plan["decode_cpus"]).remote(spec))
+        embed_dim, context_length, preprocess_cfg = _describe(spec, plan["decode_cpus"])
         schema = embedding_schema(embed_dim, context_length, cfg.emb_dtype,
                                   metadata={"fingerprint": fingerprint, "clip": spec})
         device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"

@@ -110,3 +110,15 @@ def test_bad_inputs_name_the_problem(tmp_path):
         load_clip(arch=TINY_CLIP_ARCH, pretrained=str(pickled))
     with pytest.raises(ClipError, match="lacks"):
         load_clip(arch={"embed_dim": 8})
+
+
+def test_describe_without_weights_matches_the_built_model(clip):
+    from models.clip import describe_clip
+
+    info = describe_clip(arch=TINY_CLIP_ARCH)
+    assert info["embed_dim"] == clip.embed_dim and info["context_length"] == clip.context_length
+    assert info["preprocess_cfg"] == clip.preprocess_cfg
+    big = describe_clip("ViT-B-32", "laion2b_s34b_b79k")  # no download, no allocation
+    assert big["embed_dim"] == 512 and big["context_length"] == 77 and list(big["preprocess_cfg"]["size"]) == [224, 224]
+    with pytest.raises(ClipError, match="OpenAI BPE tokenizer"):
+        describe_clip("ViT-B-16-SigLIP", "webli")  # its tokenizer is not the one the stage writes
