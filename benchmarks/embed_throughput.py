@@ -134,7 +134,8 @@ def run_stage(shards: Path, out: Path, model: str, batch_size: int, threads: int
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return {"samples": counts["rows_read"], "seconds": seconds, "samples_per_s": counts["rows_read"] / seconds,
-            "ray_init_seconds": t_init, "plan_torch_threads": counts.get("plan_torch_threads")}
+            "ray_init_seconds": t_init, "first_output_seconds": counts.get("first_output_seconds"),
+            "plan_torch_threads": counts.get("plan_torch_threads")}
 
 
 def run_loop(shards: Path, model: str, batch_size: int, arch: str | None) -> dict:

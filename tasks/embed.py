@@ -466,6 +466,8 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
                 bar.update(1)
 
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if "first_output_seconds" not in counts:  # start-up + the first encoder task
+                    counts["first_output_seconds"] = time.perf_counter() - t0
                 status = batch["status"]
                 is_marker = np.array([str(s).startswith(MARKER) for s in status])
                 data_rows = np.flatnonzero(~is_marker)
