@@ -36,6 +36,8 @@ from PIL import Image
 import open_clip
 from open_clip.transformer import TextTransformer, text_global_pool
 
+from models.clip_preprocess import ImagePreprocessor
+
 # A tiny open_clip architecture for tests and the demo (about 3.5M parameters, 1.6M of which are the
 # token embedding of the standard 49408-token BPE vocabulary). 32 px images, 32 text tokens.
 TINY_CLIP_ARCH: dict[str, Any] = {
@@ -139,40 +141,6 @@ def _build_model(model_name: str | None, pretrained: str | None, arch: dict | st
         raise ClipError(f"could not build CLIP {model_name!r} with pretrained={pretrained!r}: {e}") from e
 
 
-class ImagePreprocessor:
-    """open_clip's eval transform split in two: PIL → resized, cropped RGB uint8 (H, W, 3), and
-    uint8 batch → normalised float (`normalize`). Picklable; needs no model weights, so image
-    decoding can run in worker processes apart from the encoder."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items()}
-        size = self.cfg["size"]
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self._build()
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        size = tuple(cfg["size"]) if isinstance(cfg["size"], list) else cfg["size"]
-        self.transform = open_clip.image_transform(
-            size, is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize_mode=cfg.get("resize_mode"),
-            interpolation=cfg.get("interpolation"), fill_color=cfg.get("fill_color", 0))
-        steps = list(self.transform.transforms)
-        cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
-        self._pil_steps = steps[:cut]
-
-    def __getstate__(self):
-        return {"cfg": self.cfg, "image_size": self.image_size}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._build()
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        for step in self._pil_steps:
-            image = step(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 class ClipEncoder(torch.nn.Module):
     """A frozen open_clip model with the calls unCLIP needs. Build it with `load_clip`."""
 
@@ -187,7 +155,11 @@ class ClipEncoder(torch.nn.Module):
         self.image_preprocessor = ImagePreprocessor(cfg)
         self.preprocess_cfg: dict[str, Any] = self.image_preprocessor.cfg
         self.image_size: int = self.image_preprocessor.image_size
-        self.preprocess: Callable[[Image.Image], torch.Tensor] = self.image_preprocessor.transform
+        size = cfg["size"]
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = open_clip.image_transform(
+            tuple(size) if isinstance(size, list) else size, is_train=False, mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]), resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+            fill_color=cfg.get("fill_color", 0))
         self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 

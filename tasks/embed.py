@@ -22,7 +22,6 @@ architectures) are created once, saved under `clip/`, and reused by every actor 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -200,13 +199,6 @@ def _describe(spec: dict[str, Any], cpus: float) -> tuple[int, int, dict]:
 
 
 # --- read + decode (Ray tasks) ------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _tokenizer(context_length: int):
-    import open_clip
-
-    return open_clip.SimpleTokenizer(context_length=context_length)
-
-
 def _decode_sample(fields: dict[str, bytes], preprocessor) -> tuple[str, np.ndarray | None, str, str]:
     """(status, image uint8 HWC or None, caption, split)."""
     from PIL import Image
@@ -233,13 +225,12 @@ def _decode_sample(fields: dict[str, bytes], preprocessor) -> tuple[str, np.ndar
     return STATUS_OK, array, caption, split
 
 
-def read_shard(batch: dict[str, np.ndarray], preprocess_cfg: dict, context_length: int,
-               chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data generator UDF: one shard path in, chunks of decoded rows out, then a marker row."""
-    from models.clip import ImagePreprocessor
+def read_shard(batch: dict[str, np.ndarray], preprocess_cfg: dict, chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator UDF: one shard path in, chunks of decoded rows out, then a marker row.
+    Needs only PIL and numpy (no torch import in decode workers); the encoder tokenizes."""
+    from models.clip_preprocess import ImagePreprocessor
 
     preprocessor = ImagePreprocessor(preprocess_cfg)
-    tokenizer = _tokenizer(context_length)
     size = preprocessor.image_size
     blank = np.zeros((size, size, 3), np.uint8)
     for path in batch["path"]:
@@ -250,12 +241,11 @@ def read_shard(batch: dict[str, np.ndarray], preprocess_cfg: dict, context_lengt
 
         def flush():
             keys, captions, splits, images, statuses = zip(*rows) if rows else ((),) * 5
-            tokens = tokenizer(list(captions)).numpy().astype(np.int32) if rows else np.zeros((0, context_length), np.int32)
             return {
                 "key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object),
                 "shard": np.array([shard] * len(rows), dtype=object), "split": np.array(splits, dtype=object),
                 "status": np.array(statuses, dtype=object), "count": np.zeros(len(rows), np.int64),
-                "image": np.stack(images) if rows else np.zeros((0, size, size, 3), np.uint8), "text_tokens": tokens,
+                "image": np.stack(images) if rows else np.zeros((0, size, size, 3), np.uint8),
             }
 
         for item in iter_tar_samples(str(path)):
@@ -279,7 +269,6 @@ def read_shard(batch: dict[str, np.ndarray], preprocess_cfg: dict, context_lengt
             marker[name] = np.array([value], dtype=object)
         marker["count"] = np.array([emitted], np.int64)
         marker["image"] = blank[None]
-        marker["text_tokens"] = np.zeros((1, context_length), np.int32)
         yield marker
 
 
@@ -304,13 +293,16 @@ class ClipEncodeActor:
         status = np.asarray(batch["status"], dtype=object)
         ok = np.flatnonzero(status == STATUS_OK)
         n, d = len(status), self.clip.embed_dim
+        tokens = np.zeros((n, self.clip.context_length), np.int32)
         image_emb = np.zeros((n, d), self.dtype)
         text_emb = np.zeros((n, d), self.dtype)
         similarity = np.zeros(n, np.float32)
         if len(ok):
             with torch.inference_mode():
                 z_i = self.clip.encode_image(self.clip.normalize(batch["image"][ok]))
-                z_t = self.clip.encode_text(torch.as_tensor(batch["text_tokens"][ok], dtype=torch.long))
+                ok_tokens = self.clip.tokenize([str(c) for c in batch["caption"][ok]])
+                tokens[ok] = ok_tokens.numpy().astype(np.int32)
+                z_t = self.clip.encode_text(ok_tokens)
             sim = (z_i * z_t).sum(-1).cpu().numpy().astype(np.float32)
             image_emb[ok] = z_i.cpu().numpy().astype(self.dtype)
             text_emb[ok] = z_t.cpu().numpy().astype(self.dtype)
@@ -319,7 +311,7 @@ class ClipEncodeActor:
                 status = status.copy()
                 status[ok[sim < self.min_similarity]] = STATUS_FILTERED
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(status=status, image_emb=image_emb, text_emb=text_emb, similarity=similarity)
+        out.update(status=status, image_emb=image_emb, text_emb=text_emb, text_tokens=tokens, similarity=similarity)
         return out
 
 
@@ -435,8 +427,7 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         try:
             ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
             ds = ds.map_batches(read_shard, batch_size=1, num_cpus=plan["decode_cpus"],
-                                fn_kwargs={"preprocess_cfg": preprocess_cfg, "context_length": context_length,
-                                           "chunk_rows": cfg.batch_size})
+                                fn_kwargs={"preprocess_cfg": preprocess_cfg, "chunk_rows": cfg.batch_size})
             ds = ds.map_batches(
                 ClipEncodeActor, batch_size=cfg.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=plan["actor_pool_size"]),

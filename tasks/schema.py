@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 SCHEMA_VERSION = 1
 
@@ -312,17 +311,23 @@ class PcaBasis:
 
     def project(self, z: torch.Tensor, dims: int | None = None) -> torch.Tensor:
         """(n, d) embeddings → (n, dims) PCA coordinates (dims defaults to kept_dims)."""
+        import torch
+
         dims = self.kept_dims if dims is None else dims
         z = torch.as_tensor(z, dtype=torch.float32)
         return (z - self.mean) @ self.components[:dims].T
 
     def reconstruct(self, coords: torch.Tensor) -> torch.Tensor:
         """(n, k) PCA coordinates → (n, d) embeddings (not re-normalised)."""
+        import torch
+
         coords = torch.as_tensor(coords, dtype=torch.float32)
         return coords @ self.components[: coords.shape[-1]] + self.mean
 
     def quantize_coords(self, coords: torch.Tensor) -> torch.Tensor:
         """(n, kept_dims) coordinates → (n, kept_dims) int64 bucket tokens in [0, num_buckets)."""
+        import torch
+
         coords = torch.as_tensor(coords, dtype=torch.float32)
         inner = self.bucket_edges[1:-1].T.contiguous()  # (kept, num_buckets - 1)
         tokens = torch.searchsorted(inner, coords.T.contiguous(), right=True).T
@@ -330,6 +335,8 @@ class PcaBasis:
 
     def dequantize_coords(self, tokens: torch.Tensor) -> torch.Tensor:
         """(n, kept_dims) tokens → (n, kept_dims) bucket centres."""
+        import torch
+
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         return torch.gather(self.bucket_centers, 0, tokens.clamp(0, self.num_buckets - 1))
 
@@ -339,17 +346,23 @@ class PcaBasis:
 
     def dequantize(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(n, kept_dims) tokens → (n, d) embeddings (unit norm by default, like CLIP's)."""
+        import torch
+
         z = self.reconstruct(self.dequantize_coords(tokens))
         return torch.nn.functional.normalize(z, dim=-1) if normalize else z
 
     def quantize_similarity(self, similarity: torch.Tensor) -> torch.Tensor:
         """z_i·z_t → token in [0, len(similarity_edges) - 1) (quantiles of the training pairs)."""
+        import torch
+
         s = torch.as_tensor(similarity, dtype=torch.float32)
         n = self.similarity_edges.numel() - 1
         return torch.searchsorted(self.similarity_edges[1:-1].contiguous(), s.contiguous(), right=True).clamp_(0, n - 1)
 
 
 def save_pca(basis: PcaBasis, directory: str | os.PathLike) -> Path:
+    import torch
+
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -364,6 +377,8 @@ def save_pca(basis: PcaBasis, directory: str | os.PathLike) -> Path:
 
 
 def load_pca(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PcaBasis:
+    import torch
+
     from safetensors.torch import load_file
 
     directory = Path(directory)

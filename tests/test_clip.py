@@ -122,3 +122,18 @@ def test_describe_without_weights_matches_the_built_model(clip):
     assert big["embed_dim"] == 512 and big["context_length"] == 77 and list(big["preprocess_cfg"]["size"]) == [224, 224]
     with pytest.raises(ClipError, match="OpenAI BPE tokenizer"):
         describe_clip("ViT-B-16-SigLIP", "webli")  # its tokenizer is not the one the stage writes
+
+
+@pytest.mark.parametrize("size", [(50, 37), (37, 50), (32, 32), (20, 31), (224, 160), (33, 1000)])
+def test_torch_free_preprocessor_equals_open_clip(size):
+    from models.clip_preprocess import ImagePreprocessor
+
+    image = _image(sum(size), size=size)
+    ref = open_clip.image_transform(32, is_train=False)
+    ours = ImagePreprocessor({"size": (32, 32), "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
+                              "interpolation": "bicubic", "resize_mode": "shortest"})
+    steps = [t for t in ref.transforms if "ToTensor" not in type(t).__name__ and "Normalize" not in type(t).__name__]
+    expected = image
+    for step in steps:
+        expected = step(expected)
+    np.testing.assert_array_equal(ours(image), np.asarray(expected.convert("RGB")))
