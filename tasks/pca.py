@@ -19,9 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.decomposition import PCA
 from tqdm import tqdm
 
 from tasks.context import StageContext
@@ -88,6 +86,8 @@ def fit_pca(z: np.ndarray, similarity: np.ndarray | None = None, kept_dims: int 
     if kept > n_components:
         raise ValueError(f"pca.kept_dims={kept} exceeds the number of components available "
                          f"(min(rows={n}, embed dim={d}) = {n_components}); lower pca.kept_dims")
+    from sklearn.decomposition import PCA  # seconds to import: only when fitting
+
     pca = PCA(n_components=n_components, svd_solver=svd_solver, random_state=seed).fit(z)
     coords = pca.transform(z)[:, :kept]
     edges = np.quantile(coords, np.linspace(0.0, 1.0, num_buckets + 1), axis=0)  # (B + 1, kept), monotone
@@ -104,6 +104,8 @@ def fit_pca(z: np.ndarray, similarity: np.ndarray | None = None, kept_dims: int 
         "variance_kept": float(ratio[:kept].sum()),
         "reconstruction_cosine_kept": float(cos.mean()),
     }
+    import torch
+
     f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     return PcaBasis(f32(pca.mean_), f32(pca.components_), f32(pca.explained_variance_), f32(ratio),
                     f32(edges), f32(sim_edges), meta)
