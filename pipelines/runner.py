@@ -75,7 +75,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         if not (path / MANIFEST).is_file():
             raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {path / MANIFEST}); run it first, e.g. without --only")
     stage_cfg = cfg.stage_config(stage.name)
-    config_hash = _digest(stage_cfg.model_dump(mode="json"))
+    config_hash = _digest(output_settings(stage_cfg))
     fingerprint = _digest(
         {
             "stage": stage.name,
@@ -128,6 +128,14 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
+
+
+def output_settings(stage_cfg) -> dict[str, Any]:
+    """The stage settings that decide its output: all but those marked EXECUTION_ONLY
+    (processes, threads, actor counts), so re-tuning a finished stage does not redo it."""
+    fields = type(stage_cfg).model_fields
+    execution_only = {name for name, f in fields.items() if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("execution_only")}
+    return stage_cfg.model_dump(mode="json", exclude=execution_only)
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# Mark a config field that changes how fast a stage runs, not what it writes:
+# `Field(2, ge=1, json_schema_extra=EXECUTION_ONLY)`. Changing it does not invalidate the output.
+EXECUTION_ONLY = {"execution_only": True}
+
+
 @dataclass(frozen=True)
 class StageContext:
     name: str  # stage name, e.g. "embed"

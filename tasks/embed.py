@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.context import StageContext
+from tasks.context import EXECUTION_ONLY, StageContext
 from tasks.schema import (
     CAPTION_EXTENSION,
     CLIP_DIR,
@@ -80,10 +80,10 @@ class EmbedConfig(BaseModel):
     emb_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the embeddings")
     batch_size: int = Field(64, ge=1, le=65536, description="rows per encoder call")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, le=8.0, description="GPUs per encoder actor (0: CPU)")
-    actor_pool_size: int | None = Field(None, ge=1, le=4096, description="encoder actors (default: from cluster)")
-    cpus_per_actor: float | None = Field(None, gt=0.0, le=256.0, description="CPUs reserved per encoder actor")
-    torch_threads: int | None = Field(None, ge=1, le=256, description="intra-op threads per encoder actor")
-    decode_cpus: float = Field(0.5, gt=0.0, le=16.0, description="CPUs reserved per decode task")
+    actor_pool_size: int | None = Field(None, ge=1, le=4096, description="encoder actors (default: from cluster)", json_schema_extra=EXECUTION_ONLY)
+    cpus_per_actor: float | None = Field(None, gt=0.0, le=256.0, description="CPUs reserved per encoder actor", json_schema_extra=EXECUTION_ONLY)
+    torch_threads: int | None = Field(None, ge=1, le=256, description="intra-op threads per encoder actor", json_schema_extra=EXECUTION_ONLY)
+    decode_cpus: float = Field(0.5, gt=0.0, le=16.0, description="CPUs reserved per decode task", json_schema_extra=EXECUTION_ONLY)
     min_similarity: float | None = Field(
         None, ge=-1.0, le=1.0, description="drop pairs with z_i·z_t below this (LAION: 0.28 with ViT-B/32)")
 

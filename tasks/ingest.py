@@ -21,7 +21,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.context import StageContext
+from tasks.context import EXECUTION_ONLY, StageContext
 from tasks.http_server import serve_directory
 
 SYNTH_COLUMNS = ["id", "split", "objects"]  # carried from the synth captions into each sample's json
@@ -38,15 +38,15 @@ class IngestConfig(BaseModel):
     image_size: int = Field(64, ge=8, le=4096)
     resize_mode: Literal["border", "keep_ratio", "center_crop", "no"] = "center_crop"
     shard_size: int = Field(10_000, ge=1, description="samples per tar shard")
-    processes: int = Field(2, ge=1)
-    threads: int = Field(16, ge=1)
+    processes: int = Field(2, ge=1, json_schema_extra=EXECUTION_ONLY)
+    threads: int = Field(16, ge=1, json_schema_extra=EXECUTION_ONLY)
     timeout_s: int = Field(10, ge=1)
     retries: int = Field(0, ge=0)
     min_image_size: int = Field(0, ge=0)
     max_image_area: float = Field(float("inf"), gt=0, description="images with more pixels are skipped")
     # img2dataset's opt-out handling: X-Robots-Tag noai/noimageai/... refuse the image.
     disallowed_header_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
-    distributor: Literal["auto", "multiprocessing", "ray"] = Field("auto", description="auto: ray on a multi-node cluster, else multiprocessing")
+    distributor: Literal["auto", "multiprocessing", "ray"] = Field("auto", description="auto: ray on a multi-node cluster, else multiprocessing", json_schema_extra=EXECUTION_ONLY)
     max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="fail the stage when more of the URLs fail")
 
 

@@ -73,6 +73,9 @@ def test_second_run_skips_and_mlflow_has_parent_and_children(tmp_path):
     # a changed stage setting re-runs that stage and the ones after it, not the ones before
     third = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "ingest.image_size=32", "--until", "ingest", cwd=tmp_path)
     assert "synth: up to date" in third.stderr and "✓  ingest" in third.stderr and "embed" not in third.stderr
+    # execution-only settings (processes, threads) do not invalidate a finished stage
+    fourth = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "ingest.image_size=32", "--set", "ingest.processes=1", "--set", "ingest.threads=3", "--until", "ingest", cwd=tmp_path)
+    assert "ingest: up to date" in fourth.stderr
 
 
 def test_mlflow_env_var_is_honoured(tmp_path):
