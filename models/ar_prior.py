@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.checkpoint import register
+from models.prior import pad_caption
 
 
 @dataclass
@@ -244,16 +245,7 @@ class ARPrior(nn.Module):
 
     # ----- network -----
     def prepare_text(self, text_states, text_mask):
-        c = self.config
-        if text_states.ndim != 3 or text_states.shape[-1] != c.text_dim:
-            raise ValueError(f"text_states must be [batch, tokens, {c.text_dim}], got {tuple(text_states.shape)}")
-        b, n, _ = text_states.shape
-        if n > c.text_len:
-            raise ValueError(f"text_states has {n} tokens, more than this prior's text_len={c.text_len}")
-        text_mask = torch.ones(b, n, dtype=torch.bool, device=text_states.device) if text_mask is None else text_mask.bool()
-        if text_mask.shape != (b, n):
-            raise ValueError(f"text_mask must be [{b}, {n}] like text_states, got {tuple(text_mask.shape)}")
-        return F.pad(text_states, (0, 0, 0, c.text_len - n)), F.pad(text_mask, (0, c.text_len - n), value=False)
+        return pad_caption(text_states, text_mask, self.config.text_dim, self.config.text_len)
 
     def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, n+1, n_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),

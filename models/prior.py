@@ -107,6 +107,25 @@ def make_scheduler(config: PriorConfig, sampler: str = "ddim"):
     )
 
 
+def pad_caption(text_states: torch.Tensor, text_mask: torch.Tensor | None, text_dim: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad caption token states to text_len; return (states [B, L, text_dim], bool mask [B, L]).
+    Shared by both priors."""
+    if text_states.ndim != 3 or text_states.shape[-1] != text_dim:
+        raise ValueError(f"text_states must be [batch, tokens, {text_dim}], got {tuple(text_states.shape)}")
+    b, n, _ = text_states.shape
+    if n > text_len:
+        raise ValueError(f"text_states has {n} tokens, more than this prior's text_len={text_len}")
+    if text_mask is None:
+        text_mask = torch.ones(b, n, dtype=torch.bool, device=text_states.device)
+    if text_mask.shape != (b, n):
+        raise ValueError(f"text_mask must be [{b}, {n}] like text_states, got {tuple(text_mask.shape)}")
+    text_mask = text_mask.bool()
+    if n < text_len:
+        text_states = F.pad(text_states, (0, 0, 0, text_len - n))
+        text_mask = F.pad(text_mask, (0, text_len - n), value=False)
+    return text_states, text_mask
+
+
 @register("prior.DiffusionPrior", format_version=1)
 class DiffusionPrior(nn.Module):
     config_class = PriorConfig
@@ -152,22 +171,7 @@ class DiffusionPrior(nn.Module):
 
     # ----- conditioning -----
     def prepare_text(self, text_states: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad caption token states to text_len; return (states [B, L, text_dim], bool mask [B, L])."""
-        c = self.config
-        if text_states.ndim != 3 or text_states.shape[-1] != c.text_dim:
-            raise ValueError(f"text_states must be [batch, tokens, {c.text_dim}], got {tuple(text_states.shape)}")
-        b, n, _ = text_states.shape
-        if n > c.text_len:
-            raise ValueError(f"text_states has {n} tokens, more than this prior's text_len={c.text_len}")
-        if text_mask is None:
-            text_mask = torch.ones(b, n, dtype=torch.bool, device=text_states.device)
-        if text_mask.shape != (b, n):
-            raise ValueError(f"text_mask must be [{b}, {n}] like text_states, got {tuple(text_mask.shape)}")
-        text_mask = text_mask.bool()
-        if n < c.text_len:
-            text_states = F.pad(text_states, (0, 0, 0, c.text_len - n))
-            text_mask = F.pad(text_mask, (0, c.text_len - n), value=False)
-        return text_states, text_mask
+        return pad_caption(text_states, text_mask, self.config.text_dim, self.config.text_len)
 
     def drop_condition(self, text_emb, text_states, text_mask, drop: torch.Tensor):
         """Replace the text condition of rows where `drop` is True with the learned null states."""
