@@ -10,6 +10,7 @@ import torch
 
 from models import checkpoint
 from models.decoder import SIZES, Decoder, DecoderConfig, TextProj
+from tests.model_helpers import perturb
 
 TINY = dataclasses.replace(SIZES["tiny"], image_size=16, attention_resolutions=[8])
 
@@ -26,15 +27,6 @@ def batch(B=3, L=5, cfg=TINY, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     return x, torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, L, cfg.text_dim, generator=g)
-
-
-def perturb(model, seed=1):
-    """Random non-zero values everywhere (diffusers zero-inits output convs and our nulls)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def test_shapes_and_optional_caption():

@@ -14,20 +14,13 @@ import torch.nn.functional as F
 from models import decoder as dec
 from models import upsampler as ups
 from models.unclip import Stage, TextCondition, UnCLIP, pca_reconstruct, slerp, slerp_images, text_diff
+from tests.model_helpers import perturb
 
 DEC = dataclasses.replace(dec.SIZES["tiny"], image_size=16, attention_resolutions=[8], prediction_type="v_prediction")
 UP = ups.SIZES["tiny"]  # 16 -> 32
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def perturb(model, scale=0.02, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 class FakePrior:
@@ -53,7 +46,7 @@ def fake_text_encoder(captions):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return UnCLIP(perturb(dec.Decoder(DEC)), FakePrior(), [perturb(ups.Upsampler(UP))], fake_text_encoder)
+    return UnCLIP(perturb(dec.Decoder(DEC), scale=0.02).eval(), FakePrior(), [perturb(ups.Upsampler(UP), scale=0.02).eval()], fake_text_encoder)
 
 
 def images(B=2):

@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention
 
 from models import checkpoint
 from models.upsampler import SIZES, Upsampler, downsample_to, unet_kwargs
+from tests.model_helpers import perturb
 
 TINY = SIZES["tiny"]  # 16 -> 32 px, training crops 8 px
 
@@ -22,14 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make(cfg=TINY, seed=0):
     torch.manual_seed(seed)
     return Upsampler(cfg)
-
-
-def perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def smooth_images(B=4, size=32, seed=0):
