@@ -37,6 +37,24 @@ def test_embeddings_unit_norm_and_match_open_clip(clip):
     assert torch.allclose(z_t, clip.model.encode_text(tokens, normalize=True), atol=1e-6)
 
 
+def test_text_embedding_runs_only_to_the_last_end_token(clip):
+    """Cutting the padding after the batch's last end token gives open_clip's numbers, also when
+    one caption fills the whole context."""
+    long = " ".join(["red circle"] * 40)  # longer than the tiny context: truncated, end token last
+    for captions, cut in ((["a red circle", "two small yellow triangles"], True), (["a red circle", long], False)):
+        tokens = clip.tokenize(captions)
+        positions = int((tokens != 0).sum(dim=1).max())  # start, words, end; padding is 0
+        assert (positions < clip.context_length) == cut
+        seen = []
+        handle = clip.model.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+        try:
+            z_t = clip.encode_text(tokens)
+        finally:
+            handle.remove()
+        assert seen == [positions]
+        torch.testing.assert_close(z_t, clip.model.encode_text(tokens, normalize=True), atol=1e-6, rtol=0)
+
+
 def test_hidden_states_are_ln_final_output(clip):
     tokens = clip.tokenize(["a red circle", "two yellow triangles"])
     captured = {}
