@@ -198,19 +198,32 @@ class DiffusionPrior(nn.Module):
         if text_emb.shape != x_t.shape:
             raise ValueError(f"text_emb must be {tuple(x_t.shape)} like x_t, got {tuple(text_emb.shape)}")
         text_states, text_mask = self.prepare_text(text_states, text_mask)
-        # Cut the caption padding shared by all rows (exact: masked keys have weight 0).
-        visible = text_mask.any(0).nonzero()
-        n = int(visible.max()) + 1 if len(visible) else 1
-        text_states, text_mask = text_states[:, :n], text_mask[:, :n]
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
+        # Rows are independent, so rows with short captions (e.g. the one-token null caption of
+        # dropped rows) can run as their own, shorter batch: exact, masked keys have weight 0.
+        lengths = (text_mask * torch.arange(1, c.text_len + 1, device=text_mask.device)).amax(1).clamp(min=1)
+        groups = row_groups(lengths.tolist())
+        if len(groups) == 1:
+            n = groups[0][1]
+            return self._predict(x_t, t, text_emb, text_states[:, :n], text_mask[:, :n])
+        outs = []
+        for rows, n in groups:
+            r = torch.tensor(rows, device=x_t.device)
+            outs.append(self._predict(x_t[r], t[r], text_emb[r], text_states[r, :n], text_mask[r, :n]))
+        order = torch.tensor([i for rows, _ in groups for i in rows], device=x_t.device)
+        return torch.cat(outs)[order.argsort()]
+
+    def _predict(self, x_t, t, text_emb, text_states, text_mask) -> torch.Tensor:
+        """diffusers' PriorTransformer.forward, step by step, on captions cut to n tokens."""
+        n = text_states.shape[1]
         if self.text_in is not None:
             text_states = self.text_in(text_states)
         b = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
-
-        tr = self.transformer  # diffusers' PriorTransformer.forward, step by step
+        tr = self.transformer
         time_emb = tr.time_embedding(tr.time_proj(t).to(x_t.dtype))
         pos = tr.positional_embedding.to(x_t.dtype)
-        L = c.text_len
+        L = self.config.text_len
         h = torch.cat(
             [
                 tr.encoder_hidden_states_proj(text_states) + pos[:, :n],
@@ -219,15 +232,21 @@ class DiffusionPrior(nn.Module):
             ],
             dim=1,
         )
-        keys = F.pad(text_mask, (0, 4), value=True)
-        causal = tr.causal_attention_mask[0, : n + 4, : n + 4]  # -10000 above the diagonal
-        mask = ((1 - keys.to(h.dtype)) * -10000.0)[:, None, :] + causal.to(h.dtype)
-        mask = mask.repeat_interleave(tr.config.num_attention_heads, dim=0)
+        if bool(text_mask.all()):
+            mask = None  # causal only: is_causal=True, the faster flash kernel path
+        else:  # diffusers' mask: -10000 on padded keys and above the diagonal
+            keys = F.pad(text_mask, (0, 4), value=True)
+            causal = tr.causal_attention_mask[0, : n + 4, : n + 4]
+            mask = (((~keys).to(h.dtype) * -10000.0)[:, None, :] + causal.to(h.dtype))[:, None]  # [B, 1, S, S]
         if tr.norm_in is not None:
             h = tr.norm_in(h)
-        for block in tr.transformer_blocks:
-            h = block(h, attention_mask=mask)
-        return tr.proj_to_clip_embeddings(tr.norm_out(h)[:, -1])
+        blocks = tr.transformer_blocks
+        for block in blocks[:-1]:
+            h = _block(block, h, mask)
+        # Only the final query's output is used and attention is causal: in the last block only
+        # that row needs its query, attention, feed-forward and norms (keys/values need all rows).
+        h = _block(blocks[-1], h, mask, last_only=True)
+        return tr.proj_to_clip_embeddings(tr.norm_out(h[:, -1]))
 
     # ----- training -----
     def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
@@ -337,11 +356,53 @@ class DiffusionPrior(nn.Module):
             norm_in=d.norm_in_type == "layer",
             **overrides,
         )
+        # diffusers' loader can leave parameters at unaligned offsets of the safetensors file; MKL's
+        # one-row matmuls (the last block's final query at batch 1) round differently there, so
+        # give them fresh memory: a loaded model then computes bit-identically to a saved copy.
+        with torch.no_grad():
+            for param in transformer.parameters():
+                param.data = param.data.clone()
         if not torch.any(transformer.clip_std != 0):
             with torch.no_grad():
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
 
+
+
+def row_groups(lengths: list[int], min_saving: float = 0.05) -> list[tuple[list[int], int]]:
+    """Split batch rows with caption lengths `lengths` into at most two groups (rows, max length)
+    such that the positions computed, sum of rows * (length + 4), are fewest; one group unless
+    that saves at least `min_saving` (each group costs a few more kernel launches)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    s = [lengths[i] for i in order]
+    b, longest = len(s), s[-1]
+    full = b * (longest + 4)
+    cost, k = min((k * (s[k - 1] + 4) + (b - k) * (longest + 4), k) for k in range(1, b + 1))
+    if k == b or cost > (1 - min_saving) * full:
+        return [(list(range(b)), longest)]
+    return [(order[:k], s[k - 1]), (order[k:], longest)]
+
+
+def _block(block, h: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+    """diffusers' BasicTransformerBlock (layer norms, self-attention, GELU feed-forward, as
+    PriorTransformer builds it) on its own submodules, without its generic per-call checks.
+    mask: float [B, 1, S, S] or None for causal only. last_only: compute the final position's
+    output only (its query sees every key, so only the padding part of the mask applies)."""
+    attn = block.attn1
+    b, s, _ = h.shape
+    x = block.norm1(h)
+    q_in = x[:, -1:] if last_only else x
+    q = attn.to_q(q_in).view(b, q_in.shape[1], attn.heads, -1).transpose(1, 2)
+    k = attn.to_k(x).view(b, s, attn.heads, -1).transpose(1, 2)
+    v = attn.to_v(x).view(b, s, attn.heads, -1).transpose(1, 2)
+    if last_only:
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, -1:])
+        h = h[:, -1:]
+    else:
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    a = a.transpose(1, 2).reshape(b, q.shape[2], -1)
+    h = h + attn.to_out[1](attn.to_out[0](a))
+    return h + block.ff(block.norm3(h))
 
 def best_of(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """candidates [B, C, D] -> [B, D]: the candidate with the highest dot product with z_t."""

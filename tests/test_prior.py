@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
 from torch.nn import functional as F
 
 from models import checkpoint
-from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_scheduler, prior_config
+from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_scheduler, prior_config, row_groups
 
 TINY = SIZES["tiny"]
 
@@ -72,14 +72,52 @@ def test_causal_mask_is_applied():
     model = DiffusionPrior(TINY).eval()
     _perturb(model)
     d = _data(2)
-    seen = []
-    hook = model.transformer.norm_out.register_forward_hook(lambda m, i, o: seen.append(o))
-    model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"])
-    model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"])
+    seen, out = [], []
+    # the last block's keys are computed at every position (its query only at the final one)
+    hook = model.transformer.transformer_blocks[-1].attn1.to_k.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    out.append(model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"]))
+    out.append(model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"]))
     hook.remove()
     L = TINY.text_len
     torch.testing.assert_close(seen[0][:, : L + 2], seen[1][:, : L + 2])  # text, z_t, time: unchanged
-    assert not torch.allclose(seen[0][:, -1], seen[1][:, -1])  # the final query sees z_i
+    assert not torch.allclose(seen[0][:, L + 2], seen[1][:, L + 2])  # z_i's own position changes
+    assert not torch.allclose(out[0], out[1])  # the final query sees z_i
+
+
+def test_row_groups():
+    assert row_groups([8, 8, 8]) == [([0, 1, 2], 8)]
+    assert row_groups([8, 1, 8, 3, 8]) == [([1, 3], 3), ([0, 2, 4], 8)]
+    assert row_groups([1] + [77] * 63) == [(list(range(64)), 77)]  # saves < 5%: one group
+    assert row_groups([5]) == [([0], 5)]
+
+
+def test_forward_equals_full_diffusers_computation():
+    """Our forward skips work (rows run in groups by caption length, the last block computes the
+    final query only, causal-only attention for groups without padding): outputs and gradients
+    must equal diffusers' PriorTransformer.forward, which computes everything."""
+    torch.manual_seed(0)
+    model = DiffusionPrior(TINY).train()
+    _perturb(model)
+    d = _data(5)
+    lengths = torch.tensor([8, 1, 8, 3, 8])  # groups {1, 3} (padded, float mask) and {8, 8, 8} (causal only)
+    assert len(row_groups(lengths.tolist())) == 2
+    mask = torch.arange(TINY.text_len) < lengths[:, None]
+    x, t = torch.randn(5, TINY.embed_dim), torch.tensor([0, 10, 999, 500, 3])
+    w = torch.randn(5, TINY.embed_dim)
+    grads = []
+    for forward in (
+        lambda: model(x, t, d["text_emb"], d["text_states"], mask),
+        lambda: model.transformer(x, t, proj_embedding=d["text_emb"], encoder_hidden_states=d["text_states"], attention_mask=mask).predicted_image_embedding,
+    ):
+        model.zero_grad()
+        out = forward()
+        (out * w).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.transformer.named_parameters() if p.grad is not None}))
+    (ours, ours_grad), (ref, ref_grad) = grads
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours_grad.keys() == ref_grad.keys()
+    for name in ref_grad:
+        torch.testing.assert_close(ours_grad[name], ref_grad[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_null_condition_from_an_encoded_empty_caption():
@@ -135,9 +173,10 @@ def test_text_dropout_rate(p):
         for _ in range(4):
             model.loss(d, generator=g)
     emb = torch.cat(seen)
-    states = torch.cat(seen_states)
+    # per call: rows are run in groups of different caption lengths (dropped rows: one token)
+    states_dropped = torch.cat([(states == -3.0).all(-1).all(-1) for states in seen_states])
     dropped = (emb == 7.0).all(-1)
-    assert torch.equal(dropped, (states == -3.0).all(-1).all(-1))  # embedding and tokens dropped together
+    assert torch.equal(dropped, states_dropped)  # embedding and tokens dropped together
     n = dropped.numel()
     assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
 
