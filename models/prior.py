@@ -243,10 +243,9 @@ class DiffusionPrior(nn.Module):
         blocks = tr.transformer_blocks
         for block in blocks[:-1]:
             h = _block(block, h, mask)
-        # Only the final query's output is used and attention is causal: in the last block only
-        # that row needs its query, attention, feed-forward and norms (keys/values need all rows).
-        h = _block(blocks[-1], h, mask, last_only=True)
-        return tr.proj_to_clip_embeddings(tr.norm_out(h[:, -1]))
+        # Only the final query's output is used and attention is causal: the last block needs
+        # that row only (keys/values see all rows; reassociated in _last_block).
+        return tr.proj_to_clip_embeddings(tr.norm_out(_last_block(blocks[-1], h, mask)))
 
     # ----- training -----
     def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
@@ -383,26 +382,45 @@ def row_groups(lengths: list[int], min_saving: float = 0.05) -> list[tuple[list[
     return [(order[:k], s[k - 1]), (order[k:], longest)]
 
 
-def _block(block, h: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+def _block(block, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """diffusers' BasicTransformerBlock (layer norms, self-attention, GELU feed-forward, as
     PriorTransformer builds it) on its own submodules, without its generic per-call checks.
-    mask: float [B, 1, S, S] or None for causal only. last_only: compute the final position's
-    output only (its query sees every key, so only the padding part of the mask applies)."""
+    mask: float [B, 1, S, S], or None for causal only."""
     attn = block.attn1
     b, s, _ = h.shape
     x = block.norm1(h)
-    q_in = x[:, -1:] if last_only else x
-    q = attn.to_q(q_in).view(b, q_in.shape[1], attn.heads, -1).transpose(1, 2)
-    k = attn.to_k(x).view(b, s, attn.heads, -1).transpose(1, 2)
-    v = attn.to_v(x).view(b, s, attn.heads, -1).transpose(1, 2)
-    if last_only:
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, -1:])
-        h = h[:, -1:]
-    else:
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    a = a.transpose(1, 2).reshape(b, q.shape[2], -1)
-    h = h + attn.to_out[1](attn.to_out[0](a))
+    q, k, v = (proj(x).view(b, s, attn.heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    h = h + attn.to_out[1](attn.to_out[0](a.transpose(1, 2).reshape(b, s, -1)))
     return h + block.ff(block.norm3(h))
+
+
+def _last_block(block, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`_block`'s output at the final position only [B, W]: the only one the prediction uses.
+    That query sees every key, so only the padding part of the mask applies. Its keys and values
+    are linear in the normed states x, so they are not computed per position (W x W each) but
+    reassociated per head h (W each): q_h . (Wk_h x_j + bk_h) = (q_h Wk_h) . x_j + q_h . bk_h and
+    sum_j p_j (Wv_h x_j + bv_h) = Wv_h (sum_j p_j x_j) + bv_h (the weights p_j sum to 1). The
+    q_h . bk_h term does not change the softmax but is kept so that bk gets diffusers' gradient."""
+    attn = block.attn1
+    b, s, width = h.shape
+    heads = attn.heads
+    x = block.norm1(h)
+    q = attn.to_q(x[:, -1]).view(b, heads, -1)  # [B, H, D]
+    wk = attn.to_k.weight.view(heads, -1, width)  # [H, D, W]
+    wv = attn.to_v.weight.view(heads, -1, width)
+    scores = torch.einsum("bhd,hdw->bhw", q, wk) @ x.transpose(1, 2)  # [B, H, S]
+    if attn.to_k.bias is not None:
+        scores = scores + (q * attn.to_k.bias.view(heads, -1)).sum(-1, keepdim=True)
+    scores = scores * q.shape[-1] ** -0.5  # scaled_dot_product_attention's default scale
+    if mask is not None:
+        scores = scores + mask[:, :, -1]
+    a = torch.einsum("bhw,hdw->bhd", scores.softmax(-1) @ x, wv)  # [B, H, D]
+    if attn.to_v.bias is not None:
+        a = a + attn.to_v.bias.view(heads, -1)
+    h = h[:, -1] + attn.to_out[1](attn.to_out[0](a.reshape(b, width)))
+    return h + block.ff(block.norm3(h))
+
 
 def best_of(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """candidates [B, C, D] -> [B, D]: the candidate with the highest dot product with z_t."""

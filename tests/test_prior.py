@@ -73,8 +73,8 @@ def test_causal_mask_is_applied():
     _perturb(model)
     d = _data(2)
     seen, out = [], []
-    # the last block's keys are computed at every position (its query only at the final one)
-    hook = model.transformer.transformer_blocks[-1].attn1.to_k.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    # the last block's input is normed at every position (its query is the final one only)
+    hook = model.transformer.transformer_blocks[-1].norm1.register_forward_hook(lambda m, i, o: seen.append(o))
     out.append(model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"]))
     out.append(model(torch.randn(2, TINY.embed_dim), 5, d["text_emb"], d["text_states"]))
     hook.remove()
