@@ -391,8 +391,10 @@ def _block(block, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     x = block.norm1(h)
     q, k, v = (proj(x).view(b, s, attn.heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    h = h + attn.to_out[1](attn.to_out[0](a.transpose(1, 2).reshape(b, s, -1)))
-    return h + block.ff(block.norm3(h))
+    # residual adds in place into the fresh projection outputs (autograd keeps neither): on CPU,
+    # every fresh activation-sized tensor costs page faults, about as much as the add itself
+    h = attn.to_out[1](attn.to_out[0](a.transpose(1, 2).reshape(b, s, -1))).add_(h)
+    return block.ff(block.norm3(h)).add_(h)
 
 
 def _last_block(block, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
