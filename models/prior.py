@@ -18,13 +18,19 @@ statistics, loaded with the checkpoint (that is what diffusers' `post_process_la
 z_t and the text token states are fed as given (L2-normalised z_t in our data contract).
 
 `forward` runs the PriorTransformer's own submodules in diffusers' order (tested equal to
-`PriorTransformer.forward`), with two differences: the causal mask is always applied (diffusers
-applies it only when `attention_mask` is passed: a pitfall), and caption padding that is masked in
-every row of the batch is cut off before the blocks. Masked tokens change nothing in diffusers'
-computation (their keys get -10000, i.e. weight 0), so this is the same function, but a batch of
-short captions costs ~20 instead of 81 positions: this is where most of the training speed comes
-from. The null caption is, like Karlo's empty-caption unconditional, short: learned token states
-of which only the first `null_text_mask` positions are visible (one by default).
+`PriorTransformer.forward`, outputs and gradients), with one difference: the causal mask is always
+applied (diffusers applies it only when `attention_mask` is passed: a pitfall). It skips work that
+cannot change the result:
+- caption padding is cut off: masked tokens change nothing in diffusers' computation (their keys
+  get -10000, i.e. weight 0), so a batch of short captions costs ~20 instead of 81 positions;
+- rows are independent, so rows with much shorter captions (e.g. the one-token null caption of
+  dropped rows) run as a second, shorter batch (`row_groups`);
+- only the final query's output is used and attention is causal, so the last block computes that
+  position only, with its keys and values reassociated per head (`_last_block`);
+- blocks are called through their submodules (no generic per-call checks; causal-only attention
+  for batches without padding, the faster kernel path; residual adds in place).
+The null caption is, like Karlo's empty-caption unconditional, short: learned token states of which
+only the first `null_text_mask` positions are visible (one by default).
 
 Guidance convention (diffusers', Karlo's): x0 = uncond + s * (cond - uncond)
                                                = cond + (s - 1) * (cond - uncond); s = 1 is cond.
