@@ -28,8 +28,8 @@ cannot change the result:
 - only the final query's output is used and attention is causal, so the last block computes that
   position only, with its keys and values reassociated per head (`_last_block`);
 - blocks are called through their submodules (attention processors set on the transformer are
-  not used; no generic per-call checks; causal-only attention
-  for batches without padding, the faster kernel path; residual adds in place).
+  not used; no generic per-call checks; causal-only attention for batches without padding, the
+  faster kernel path; residual adds in place).
 The null caption is, like Karlo's empty-caption unconditional, short: learned token states of which
 only the first `null_text_mask` positions are visible (one by default).
 
