@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from models.prior import SIZES as PRIOR_SIZES  # noqa: E402
 from models.prior import DiffusionPrior, PriorConfig  # noqa: E402
+from models.sizes import objective  # noqa: E402
 
 # Two prior sizes: ~4M (STACK.md's CPU reference point) and the named "small" (21M).
 PRIOR_BENCH = {
@@ -119,7 +120,8 @@ def our_prior(config: PriorConfig, batch: int, device: str, tokens: tuple[int, i
         "text_states": states,
         "text_mask": mask,
     }
-    return model, lambda: model.loss(data)
+    loss = objective("prior")
+    return model, lambda: loss(model, data)[0]
 
 
 def our_decoder(size: str, batch: int, device: str, text_len: int = 77):
@@ -129,10 +131,14 @@ def our_decoder(size: str, batch: int, device: str, text_len: int = 77):
     model = Decoder(config).to(device)
     s = config.image_size
     x0 = torch.rand(batch, config.in_channels, s, s, device=device) * 2 - 1
-    image_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
-    text_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
-    states = torch.randn(batch, text_len, config.text_dim, device=device)
-    return model, config, lambda: model.training_loss(x0, image_emb, text_emb, states)
+    data = {
+        "image": x0,
+        "image_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
+        "text_emb": F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1),
+        "text_states": torch.randn(batch, text_len, config.text_dim, device=device),
+    }
+    loss = objective("decoder")
+    return model, config, lambda: loss(model, data)[0]
 
 
 # --- DALLE2-pytorch ---------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def d2_decoder(config, target_params: int, batch: int, device: str, text_len: in
 
     def build_unet(dim):
         return D2Unet(
-            dim=dim, image_embed_dim=config.clip_dim, text_embed_dim=config.text_dim, channels=config.in_channels,
+            dim=dim, image_embed_dim=config.embed_dim, text_embed_dim=config.text_dim, channels=config.in_channels,
             dim_mults=tuple(int(round(m)) if float(m).is_integer() else m for m in mults),
             cond_on_image_embeds=True, cond_on_text_encodings=True, self_attn=attn,
             num_resnet_blocks=config.layers_per_block, attn_dim_head=32, attn_heads=max(1, dim // 32), resnet_groups=8,
@@ -183,11 +189,11 @@ def d2_decoder(config, target_params: int, batch: int, device: str, text_len: in
     unet = build_unet(dim)
     model = D2Decoder(
         unet=unet, image_size=config.image_size, timesteps=config.num_train_timesteps,
-        image_cond_drop_prob=config.image_emb_dropout, text_cond_drop_prob=config.text_dropout, learned_variance=False,
+        image_cond_drop_prob=config.image_drop_prob, text_cond_drop_prob=config.text_drop_prob, learned_variance=False,
     ).to(device)
     s = config.image_size
     images = torch.rand(batch, config.in_channels, s, s, device=device)  # it normalises [0, 1] itself
-    image_emb = F.normalize(torch.randn(batch, config.clip_dim, device=device), dim=-1)
+    image_emb = F.normalize(torch.randn(batch, config.embed_dim, device=device), dim=-1)
     states = torch.randn(batch, text_len, config.text_dim, device=device)
     return model, {"dim": dim}, lambda: model(images, image_embed=image_emb, text_encodings=states)
 

@@ -1,7 +1,7 @@
 """Autoregressive prior P(z_i | y) (paper section 2.2), pure PyTorch.
 
 z_i is reduced with PCA to its first k components (ordered by decreasing eigenvalue; the paper
-keeps 319 of 1024), each coefficient is quantised into `n_buckets` quantile buckets (paper: 1024),
+keeps 319 of 1024: `kept_dims`), each coefficient is quantised into `num_buckets` quantile buckets (paper: 1024),
 and a causal transformer predicts the k bucket tokens one after the other. The prefix is
 
     [z_t, caption token states (text_len), quantised z_i.z_t token] -> x_1 ... x_k
@@ -25,13 +25,14 @@ sizes trained here; a cache is the first thing to add for paper-size (k=319) sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.checkpoint import register
+from models.checkpoint import migration, register
+from models.objective import Field, bernoulli, check_batch, detached, unwrap
 from models.prior import pad_caption
 
 
@@ -112,9 +113,9 @@ class ARPriorConfig:
     embed_dim: int = 768  # CLIP embedding width (z_i and z_t)
     text_dim: int = 768  # caption token state width
     text_len: int = 77
-    pca_dims: int = 319  # k kept PCA components (paper: 319 of 1024)
-    n_buckets: int = 1024  # quantisation buckets per PCA dimension (paper: 1024)
-    n_dot_buckets: int = 64  # buckets of z_i.z_t for the conditioning token (pca stage default)
+    kept_dims: int = 319  # k kept PCA components (paper: 319 of 1024)
+    num_buckets: int = 1024  # quantisation buckets per PCA dimension (paper: 1024)
+    similarity_buckets: int = 64  # buckets of z_i.z_t for the conditioning token (pca stage default)
     width: int = 768
     num_heads: int = 12
     num_layers: int = 12
@@ -122,13 +123,13 @@ class ARPriorConfig:
     text_drop_prob: float = 0.1
 
     def __post_init__(self):
-        for name in ("embed_dim", "text_dim", "text_len", "pca_dims", "width", "num_heads", "num_layers"):
+        for name in ("embed_dim", "text_dim", "text_len", "kept_dims", "width", "num_heads", "num_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ARPriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_buckets < 2 or self.n_dot_buckets < 2:
-            raise ValueError(f"ARPriorConfig.n_buckets and n_dot_buckets must be >= 2, got {self.n_buckets}, {self.n_dot_buckets}")
-        if self.pca_dims > self.embed_dim:
-            raise ValueError(f"ARPriorConfig.pca_dims={self.pca_dims} exceeds embed_dim={self.embed_dim}")
+        if self.num_buckets < 2 or self.similarity_buckets < 2:
+            raise ValueError(f"ARPriorConfig.num_buckets and similarity_buckets must be >= 2, got {self.num_buckets}, {self.similarity_buckets}")
+        if self.kept_dims > self.embed_dim:
+            raise ValueError(f"ARPriorConfig.kept_dims={self.kept_dims} exceeds embed_dim={self.embed_dim}")
         if self.width % self.num_heads:
             raise ValueError(f"ARPriorConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.text_drop_prob < 1.0:
@@ -138,56 +139,52 @@ class ARPriorConfig:
 # tiny: tests/demo. small: CPU-trainable. base: a ViT-L/14-sized AR prior of ~1B-class depth is
 # only described here (width 2048, 20 layers, ~1B). paper: 1B, ViT-H/16 (1024-d), 319 dims x 1024 buckets.
 SIZES: dict[str, ARPriorConfig] = {
-    "tiny": ARPriorConfig(embed_dim=32, text_dim=32, text_len=8, pca_dims=16, n_buckets=64, n_dot_buckets=8, width=64, num_heads=4, num_layers=2),
-    "small": ARPriorConfig(embed_dim=512, text_dim=512, text_len=77, pca_dims=128, n_buckets=256, n_dot_buckets=32, width=512, num_heads=8, num_layers=6),
-    "base": ARPriorConfig(embed_dim=768, text_dim=768, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=64, width=2048, num_heads=32, num_layers=20),
-    "paper": ARPriorConfig(embed_dim=1024, text_dim=1024, text_len=77, pca_dims=319, n_buckets=1024, n_dot_buckets=64, width=2048, num_heads=32, num_layers=20),
+    "tiny": ARPriorConfig(embed_dim=32, text_dim=32, text_len=8, kept_dims=16, num_buckets=64, similarity_buckets=8, width=64, num_heads=4, num_layers=2),
+    "small": ARPriorConfig(embed_dim=512, text_dim=512, text_len=77, kept_dims=128, num_buckets=256, similarity_buckets=32, width=512, num_heads=8, num_layers=6),
+    "base": ARPriorConfig(embed_dim=768, text_dim=768, text_len=77, kept_dims=319, num_buckets=1024, similarity_buckets=64, width=2048, num_heads=32, num_layers=20),
+    "paper": ARPriorConfig(embed_dim=1024, text_dim=1024, text_len=77, kept_dims=319, num_buckets=1024, similarity_buckets=64, width=2048, num_heads=32, num_layers=20),
 }
 
 
-def ar_prior_config(size: str, **overrides) -> ARPriorConfig:
-    if size not in SIZES:
-        raise ValueError(f"unknown AR prior size {size!r}; known: {sorted(SIZES)}")
-    return replace(SIZES[size], **overrides)
-
-
-@register("prior.ARPrior", format_version=1)
+@register("prior.ARPrior", format_version=2)
 class ARPrior(nn.Module):
     config_class = ARPriorConfig
 
     @classmethod
     def from_basis(cls, artifact, size: str = "tiny", **overrides) -> "ARPrior":
         """A model of a named size whose PCA/bucket shapes come from the artifact."""
+        from models.sizes import config_for  # sizes imports this module
+
         basis = as_pca_basis(artifact)
-        shapes = dict(embed_dim=basis.mean.shape[0], pca_dims=basis.components.shape[0], n_buckets=basis.n_buckets)
+        shapes = dict(embed_dim=basis.mean.shape[0], kept_dims=basis.components.shape[0], num_buckets=basis.n_buckets)
         if basis.dot_edges is not None:
-            shapes["n_dot_buckets"] = basis.dot_edges.shape[0] - 1
-        return cls(ar_prior_config(size, **{**shapes, **overrides}), basis)
+            shapes["similarity_buckets"] = basis.dot_edges.shape[0] - 1
+        return cls(config_for("ar_prior", size, **{**shapes, **overrides}), basis)
 
     def __init__(self, config: ARPriorConfig, basis: PcaBasis | None = None):
         super().__init__()
         self.config = c = config
         # The PCA artifact lives in buffers (saved with the checkpoint); zeros until set.
         self.register_buffer("pca_mean", torch.zeros(c.embed_dim))
-        self.register_buffer("pca_components", torch.zeros(c.pca_dims, c.embed_dim))
-        self.register_buffer("pca_explained_variance", torch.zeros(c.pca_dims))
-        self.register_buffer("bucket_edges", torch.zeros(c.pca_dims, c.n_buckets + 1))
-        self.register_buffer("dot_edges", torch.linspace(-1.0, 1.0, c.n_dot_buckets + 1))
+        self.register_buffer("pca_components", torch.zeros(c.kept_dims, c.embed_dim))
+        self.register_buffer("pca_explained_variance", torch.zeros(c.kept_dims))
+        self.register_buffer("bucket_edges", torch.zeros(c.kept_dims, c.num_buckets + 1))
+        self.register_buffer("dot_edges", torch.linspace(-1.0, 1.0, c.similarity_buckets + 1))
         if basis is not None:
             self.set_basis(as_pca_basis(basis))
 
         self.text_emb_in = nn.Linear(c.embed_dim, c.width)
         self.text_states_in = nn.Linear(c.text_dim, c.width)
-        self.dot_embed = nn.Embedding(c.n_dot_buckets, c.width)
-        self.token_embed = nn.Embedding(c.n_buckets, c.width)  # shared; position says which PCA dim
-        self.seq_len = 1 + c.text_len + 1 + c.pca_dims - 1  # the last token is predicted, never read
+        self.dot_embed = nn.Embedding(c.similarity_buckets, c.width)
+        self.token_embed = nn.Embedding(c.num_buckets, c.width)  # shared; position says which PCA dim
+        self.seq_len = 1 + c.text_len + 1 + c.kept_dims - 1  # the last token is predicted, never read
         self.pos_embed = nn.Parameter(torch.randn(self.seq_len, c.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             c.width, c.num_heads, 4 * c.width, c.dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.blocks = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
         self.norm_out = nn.LayerNorm(c.width)
-        self.head = nn.Linear(c.width, c.n_buckets)
+        self.head = nn.Linear(c.width, c.num_buckets)
         # Null condition for classifier-free guidance: z_t, token states and dot token together.
         self.null_text_emb = nn.Parameter(torch.zeros(c.embed_dim))
         self.null_text_states = nn.Parameter(torch.zeros(c.text_len, c.text_dim))
@@ -198,13 +195,13 @@ class ARPrior(nn.Module):
     @torch.no_grad()
     def set_basis(self, basis: PcaBasis) -> None:
         c = self.config
-        if basis.components.shape != (c.pca_dims, c.embed_dim) or basis.n_buckets != c.n_buckets:
+        if basis.components.shape != (c.kept_dims, c.embed_dim) or basis.n_buckets != c.num_buckets:
             raise ValueError(
                 f"PcaBasis has components {tuple(basis.components.shape)} and {basis.n_buckets} buckets; "
-                f"this AR prior wants ({c.pca_dims}, {c.embed_dim}) and {c.n_buckets}"
+                f"this AR prior wants ({c.kept_dims}, {c.embed_dim}) and {c.num_buckets}"
             )
-        if basis.dot_edges is not None and basis.dot_edges.shape != (c.n_dot_buckets + 1,):
-            raise ValueError(f"PcaBasis.dot_edges must be [{c.n_dot_buckets + 1}], got {tuple(basis.dot_edges.shape)}")
+        if basis.dot_edges is not None and basis.dot_edges.shape != (c.similarity_buckets + 1,):
+            raise ValueError(f"PcaBasis.dot_edges must be [{c.similarity_buckets + 1}], got {tuple(basis.dot_edges.shape)}")
         self.pca_mean.copy_(basis.mean)
         self.pca_components.copy_(basis.components)
         self.pca_explained_variance.copy_(basis.explained_variance)
@@ -247,19 +244,19 @@ class ARPrior(nn.Module):
     def prepare_text(self, text_states, text_mask):
         return pad_caption(text_states, text_mask, self.config.text_dim, self.config.text_len)
 
-    def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, n+1, n_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),
-        the dot bucket [B] and the text condition; rows with drop=True use the null condition."""
+    def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, n+1, num_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),
+        the dot bucket [B] and the text condition; rows with drop_text=True use the null condition."""
         c = self.config
         b, n = tokens.shape
-        if n >= c.pca_dims:
-            raise ValueError(f"tokens must have fewer than pca_dims={c.pca_dims} columns, got {n}")
+        if n >= c.kept_dims:
+            raise ValueError(f"tokens must have fewer than kept_dims={c.kept_dims} columns, got {n}")
         if text_emb.shape != (b, c.embed_dim):
             raise ValueError(f"text_emb must be [{b}, {c.embed_dim}], got {tuple(text_emb.shape)}")
         text_states, text_mask = self.prepare_text(text_states, text_mask)
         dot_h = self.dot_embed(dot)
-        if drop is not None:
-            d = drop.view(-1, 1)
+        if drop_text is not None:
+            d = drop_text.view(-1, 1)
             text_emb = torch.where(d, self.null_text_emb, text_emb)
             text_states = torch.where(d[..., None], self.null_text_states, text_states)
             text_mask = text_mask | d
@@ -273,26 +270,9 @@ class ARPrior(nn.Module):
         h = self.blocks(h, mask=self.causal_mask[:L, :L], src_key_padding_mask=pad)
         return self.head(self.norm_out(h[:, 1 + c.text_len :]))
 
-    # ----- training -----
-    def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
-        """Cross-entropy of the k bucket tokens of z_i, text condition dropped text_drop_prob of the time."""
-        tokens = self.tokenize(image_emb)
-        dot = self.dot_tokens(image_emb, text_emb)
-        gen_device = generator.device if generator is not None else "cpu"
-        drop = (torch.rand(image_emb.shape[0], generator=generator, device=gen_device) < self.config.text_drop_prob).to(image_emb.device)
-        logits = self(tokens[:, :-1], dot, text_emb, text_states, text_mask, drop)
-        return F.cross_entropy(logits.reshape(-1, self.config.n_buckets), tokens.reshape(-1))
-
-    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Batch keys as the diffusion prior: image_emb, text_emb, text_states, optional text_mask."""
-        missing = {"image_emb", "text_emb", "text_states"} - set(batch)
-        if missing:
-            raise KeyError(f"AR prior batch is missing {sorted(missing)}; it has {sorted(batch)}")
-        return self.training_loss(batch["image_emb"], batch["text_emb"], batch["text_states"], batch.get("text_mask"), generator)
-
     # ----- sampling -----
     def guided_logits(self, tokens, dot, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
-        """Next-token logits [B, n_buckets] with classifier-free guidance: uncond + s (cond - uncond)."""
+        """Next-token logits [B, num_buckets] with classifier-free guidance: uncond + s (cond - uncond)."""
         cond = self(tokens, dot, text_emb, text_states, text_mask)[:, -1]
         if guidance_scale == 1.0:
             return cond
@@ -303,7 +283,7 @@ class ARPrior(nn.Module):
     def default_dot_buckets(self, batch: int, generator=None, device=None) -> torch.Tensor:
         """Uniform over the top half of the dot buckets: with quantile edges, the top half of the
         z_i.z_t distribution (the paper's best setting)."""
-        n = self.config.n_dot_buckets
+        n = self.config.similarity_buckets
         gen_device = generator.device if generator is not None else "cpu"
         return torch.randint(n // 2, n, (batch,), generator=generator, device=gen_device).to(device or gen_device)
 
@@ -320,10 +300,10 @@ class ARPrior(nn.Module):
         normalize: bool = True,
         return_tokens: bool = False,
     ):
-        """Draw z_i [B, D] token by token. dot_bucket: int or [B] tensor in [0, n_dot_buckets);
+        """Draw z_i [B, D] token by token. dot_bucket: int or [B] tensor in [0, similarity_buckets);
         None draws it from the top half. temperature 0 is greedy."""
         self._check_basis()
-        b, device, n_dot = text_emb.shape[0], text_emb.device, self.config.n_dot_buckets
+        b, device, n_dot = text_emb.shape[0], text_emb.device, self.config.similarity_buckets
         if dot_bucket is None:
             dot = self.default_dot_buckets(b, generator, device)
         else:
@@ -334,7 +314,7 @@ class ARPrior(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         gen_device = generator.device if generator is not None else "cpu"
         tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
-        for _ in range(self.config.pca_dims):
+        for _ in range(self.config.kept_dims):
             logits = self.guided_logits(tokens, dot, text_emb, text_states, text_mask, guidance_scale).float()
             if temperature == 0:
                 nxt = logits.argmax(-1)
@@ -344,3 +324,41 @@ class ARPrior(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         z = self.detokenize(tokens, normalize=normalize)
         return (z, tokens) if return_tokens else z
+
+
+# ----- training objective (models.objective) -----
+
+BATCH: dict[str, Field] = {
+    "image_emb": Field("float", ("B", "embed_dim"), doc="CLIP image embedding z_i, tokenised into the target"),
+    "text_emb": Field("float", ("B", "embed_dim"), doc="CLIP text embedding z_t"),
+    "text_states": Field("float", ("B", "L", "text_dim"), doc="caption token states; L <= text_len"),
+    "text_mask": Field("bool", ("B", "L"), optional=True, doc="True = real token; default all True"),
+    "drop_text": Field("bool", ("B",), optional=True, doc="rows trained with the null text condition"),
+}
+
+
+def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    """Cross-entropy of the k bucket tokens of z_i, the text condition dropped text_drop_prob of
+    the time (unless the batch has `drop_text`). Metrics: loss, accuracy (next-token top-1)."""
+    check_batch(BATCH, batch, "ar_prior")
+    model = unwrap(network)
+    image_emb, text_emb = batch["image_emb"], batch["text_emb"]
+    b = image_emb.shape[0]
+    tokens = model.tokenize(image_emb)
+    dot = model.dot_tokens(image_emb, text_emb)
+    drop = batch["drop_text"] if "drop_text" in batch else bernoulli(model.config.text_drop_prob, b, generator, image_emb.device)
+    logits = network(tokens[:, :-1], dot, text_emb, batch["text_states"], batch.get("text_mask"), drop).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    accuracy = (logits.argmax(-1) == tokens).float().mean()
+    return loss, detached(loss=loss, accuracy=accuracy)
+
+
+@migration("prior.ARPrior", from_version=1)
+def _ar_prior_v1_to_v2(config: dict) -> dict:
+    """Format 1 named the sizes of the PCA tokens like no other module; format 2 uses the pca
+    stage's names (kept_dims, num_buckets, similarity_buckets)."""
+    config = dict(config)
+    for old, new in (("pca_dims", "kept_dims"), ("n_buckets", "num_buckets"), ("n_dot_buckets", "similarity_buckets")):
+        if old in config:
+            config[new] = config.pop(old)
+    return config

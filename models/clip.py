@@ -17,6 +17,9 @@ What unCLIP needs from CLIP, exposed on `ClipEncoder`:
 - `preprocess` (PIL → normalised float tensor, open_clip's eval transform), split into
   `preprocess_uint8` (PIL → resized, cropped RGB uint8 array, HWC) and `normalize` (uint8 batch →
   float tensor) so that decoding and resizing can run apart from the encoder.
+
+Training a CLIP: `ClipModel` (a trainable open_clip model checkpointed from its `ClipConfig`) and
+its objective `training_loss` (open_clip's contrastive `ClipLoss`, exact under data parallelism).
 """
 
 from __future__ import annotations
@@ -26,17 +29,22 @@ import os
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 import open_clip
+from open_clip.loss import ClipLoss
 from open_clip.transformer import TextTransformer, text_global_pool
 
+from models.checkpoint import register
 from models.clip_preprocess import ImagePreprocessor
+from models.objective import Field, check_batch, detached
 
 # A tiny open_clip architecture for tests and the demo (about 3.5M parameters, 1.6M of which are the
 # token embedding of the standard 49408-token BPE vocabulary). 32 px images, 32 text tokens.
@@ -86,6 +94,23 @@ def _weights_hint(model_name: str, pretrained: str) -> str:
     )
 
 
+def _clip_from_arch(arch: dict | str | os.PathLike, precision: str = "fp32",
+                    mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
+                    std: Sequence[float] = open_clip.OPENAI_DATASET_STD) -> torch.nn.Module:
+    """A randomly initialised open_clip model of the architecture config, with its eval preprocessing."""
+    cfg = _read_arch(arch)
+    custom_text = bool(cfg.pop("custom_text", False))
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    try:
+        model = cls(**cfg, cast_dtype=open_clip.get_cast_dtype(precision))
+    except TypeError as e:
+        raise ClipError(f"invalid CLIP architecture config: {e}") from e
+    open_clip.set_model_preprocess_cfg(model, {
+        "size": model.visual.image_size, "mode": "RGB", "mean": tuple(mean), "std": tuple(std),
+        "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0})
+    return model
+
+
 def _build_model(model_name: str | None, pretrained: str | None, arch: dict | str | os.PathLike | None,
                  device: str | torch.device, precision: str, context_length: int | None) -> torch.nn.Module:
     if pretrained is not None and pretrained.endswith((".pt", ".pth", ".bin", ".ckpt")) and Path(pretrained).exists():
@@ -95,12 +120,7 @@ def _build_model(model_name: str | None, pretrained: str | None, arch: dict | st
         cfg = _read_arch(arch)
         if context_length is not None:
             cfg["text_cfg"]["context_length"] = context_length
-        custom_text = bool(cfg.pop("custom_text", False))
-        cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-        try:
-            model = cls(**cfg, cast_dtype=open_clip.get_cast_dtype(precision))
-        except TypeError as e:
-            raise ClipError(f"invalid CLIP architecture config: {e}") from e
+        model = _clip_from_arch(cfg, precision)
         if pretrained is not None:
             if not Path(pretrained).is_file():
                 raise ClipError(f"CLIP weights file {pretrained} does not exist (with a custom `arch`, "
@@ -112,10 +132,6 @@ def _build_model(model_name: str | None, pretrained: str | None, arch: dict | st
         model.to(device)
         if precision in ("fp16", "bf16"):
             model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
-        size = model.visual.image_size
-        open_clip.set_model_preprocess_cfg(model, {
-            "size": size, "mode": "RGB", "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
-            "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0})
         return model
 
     if not model_name:
@@ -317,3 +333,91 @@ def save_clip_weights(encoder: ClipEncoder, path: str | os.PathLike) -> Path:
     save_file(state, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+# --- training a CLIP (a `train_clip` stage) ------------------------------------------------------
+
+
+@dataclass
+class ClipConfig:
+    """arch: an open_clip model config (embed_dim, vision_cfg, text_cfg, optional quick_gelu,
+    custom_text, ...), as in open_clip's model_configs/*.json; image_mean/std: the normalisation
+    the network applies to its [-1, 1] input images (OpenAI's by default)."""
+
+    arch: dict
+    image_mean: list[float] = field(default_factory=lambda: list(open_clip.OPENAI_DATASET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(open_clip.OPENAI_DATASET_STD))
+
+    def __post_init__(self):
+        self.arch = _read_arch(self.arch)
+        self.image_mean, self.image_std = [float(v) for v in self.image_mean], [float(v) for v in self.image_std]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ClipError(f"ClipConfig.image_mean/image_std must have 3 values (RGB), got {self.image_mean}, {self.image_std}")
+
+
+# tiny: tests and the demo (TINY_CLIP_ARCH, 32 px). small/base/paper: open_clip's ViT-B/32, ViT-L/14
+# (the OpenAI model Karlo uses) and ViT-H/16 (the paper's CLIP, appendix C).
+SIZES: dict[str, ClipConfig] = {
+    "tiny": ClipConfig(TINY_CLIP_ARCH),
+    "small": ClipConfig(open_clip.get_model_config("ViT-B-32")),
+    "base": ClipConfig(open_clip.get_model_config("ViT-L-14")),
+    "paper": ClipConfig(open_clip.get_model_config("ViT-H-16")),
+}
+
+
+@register("clip.ClipModel", format_version=1)
+class ClipModel(torch.nn.Module):
+    """A trainable open_clip model (`self.model`), checkpointed by models.checkpoint from its
+    architecture config. forward(image in [-1, 1], text_tokens) -> (unit-norm image features,
+    unit-norm text features, logit scale exp(s)); `encoder()` gives the frozen ClipEncoder of a copy."""
+
+    config_class = ClipConfig
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        self.config = config
+        self.model = _clip_from_arch(config.arch, mean=config.image_mean, std=config.image_std)
+        if getattr(self.model, "logit_bias", None) is not None:
+            raise ClipError("CLIP arch has init_logit_bias (SigLIP): its loss is not the contrastive ClipLoss trained here")
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor, text_tokens: torch.Tensor):
+        x = ((image + 1) / 2 - self.image_mean) / self.image_std  # [-1, 1] -> CLIP's normalisation
+        image_features, text_features, logit_scale = self.model(x, text_tokens)
+        return image_features, text_features, logit_scale
+
+    def encoder(self) -> ClipEncoder:
+        return ClipEncoder(deepcopy(self.model), name="trained")
+
+
+BATCH: dict[str, Field] = {
+    "image": Field("float", ("B", 3, "H", "W"), doc="images in [-1, 1] at the CLIP's image size (normalised inside)"),
+    "text_tokens": Field("long", ("B", "L"), doc="BPE token ids of the captions (ClipEncoder.tokenize), 0-padded"),
+}
+
+
+def training_loss(network: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    """open_clip's contrastive ClipLoss (symmetric cross-entropy over the logit-scaled cosine
+    similarities of the global batch). Deterministic: `generator` is unused.
+
+    Data parallel: features are gathered from every rank with gradient (`gather_with_grad=True`:
+    the all-gather's backward sums each rank's gradient into the features' owner) and each rank
+    scores its own rows against all columns (`local_loss=True`, labels offset by rank). The mean
+    over ranks of the local losses is the loss of the global batch and DDP's averaged gradient is
+    its gradient, so W ranks x batch b step exactly as 1 process x batch W*b. (Without
+    gather_with_grad, local_loss=False gives 1/W of that gradient and local_loss=True drops the
+    gradient through other ranks' negatives.) Metrics: loss, accuracy (image -> text top-1 of this
+    rank's rows among the global batch), logit_scale."""
+    check_batch(BATCH, batch, "clip")
+    image_features, text_features, logit_scale = network(batch["image"], batch["text_tokens"])
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    # ClipLoss.forward's computation, with its logits kept for the accuracy
+    logits_per_image, logits_per_text = contrastive.get_logits(image_features, text_features, logit_scale)
+    labels = contrastive.get_ground_truth(image_features.device, logits_per_image.shape[0])
+    logits_per_image, logits_per_text = logits_per_image.float(), logits_per_text.float()
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    accuracy = (logits_per_image.argmax(-1) == labels).float().mean()
+    return loss, detached(loss=loss, accuracy=accuracy, logit_scale=logit_scale)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import diffusion
-from .checkpoint import CheckpointError, register
+from .checkpoint import CheckpointError, migration, register
+from .objective import Field, bernoulli, check_batch, detached, unwrap
 
 
 @dataclass
@@ -49,13 +49,13 @@ class DecoderConfig:
     attention_head_dim: int = 64  # width of one head (SimpleCrossAttn blocks)
     norm_num_groups: int = 32
     dropout: float = 0.0
-    clip_dim: int = 768  # z_i / z_t width
+    embed_dim: int = 768  # z_i / z_t width
     text_dim: int = 768  # caption token-state width
     cross_attention_dim: int = 1536
     clip_extra_context_tokens: int = 4
     # classifier-free guidance dropout (paper: 10% image embedding, 50% caption)
-    image_emb_dropout: float = 0.1
-    text_dropout: float = 0.5
+    image_drop_prob: float = 0.1
+    text_drop_prob: float = 0.5
     # diffusion
     prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
     schedule: str = "cosine"
@@ -80,7 +80,7 @@ class DecoderConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r}; allowed: {diffusion.PREDICTION_TYPES}")
         if self.schedule not in diffusion.SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
-        for name in ("image_emb_dropout", "text_dropout"):
+        for name in ("image_drop_prob", "text_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.image_size % 2 ** (len(self.block_out_channels) - 1):
@@ -97,18 +97,18 @@ class DecoderConfig:
 SIZES: dict[str, DecoderConfig] = {
     # CPU seconds: tests and demo
     "tiny": DecoderConfig(image_size=32, block_out_channels=[32, 64], layers_per_block=1, attention_resolutions=[16],
-                          attention_head_dim=32, norm_num_groups=8, clip_dim=64, text_dim=64, cross_attention_dim=64),
+                          attention_head_dim=32, norm_num_groups=8, embed_dim=64, text_dim=64, cross_attention_dim=64),
     # the 64-px demo decoder (attention only at 16x16 / 8x8). Width kept low at 64 and 32 px and spent
     # at 16 and 8 px (multipliers 1,1,2,4, as ADM's larger-image models start), 3 ResNet blocks per
     # level as ADM/GLIDE/Karlo at 64 px: ~29M params like the former [64,128,192,256] x 2 blocks in
     # ~23% fewer FLOPs per sample, since high-resolution convolution is where a U-Net's time goes.
     "small": DecoderConfig(image_size=64, block_out_channels=[64, 64, 128, 256], layers_per_block=3,
-                           attention_resolutions=[16, 8], attention_head_dim=32, clip_dim=512, text_dim=512,
+                           attention_resolutions=[16, 8], attention_head_dim=32, embed_dim=512, text_dim=512,
                            cross_attention_dim=512),
     # Karlo's decoder (~900M): diffusers' conversion config
     "base": DecoderConfig(),
     # paper appendix C: 3.5B GLIDE-style decoder, 2048-wide text encoder, learned variance
-    "paper": DecoderConfig(block_out_channels=[512, 1024, 1536, 2048], clip_dim=1024, text_dim=2048,
+    "paper": DecoderConfig(block_out_channels=[512, 1024, 1536, 2048], embed_dim=1024, text_dim=2048,
                            cross_attention_dim=2048, learned_variance=True),
 }
 
@@ -219,18 +219,18 @@ def fast_blocks(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 
 class TextProj(nn.Module):
     """CLIP conditioning of the decoder. Same parameter names and layout as diffusers'
-    `UnCLIPTextProjModel`, so its weights load; `text_dim` may differ from `clip_dim` here."""
+    `UnCLIPTextProjModel`, so its weights load; `text_dim` may differ from `embed_dim` here."""
 
-    def __init__(self, clip_dim: int, time_embed_dim: int, cross_attention_dim: int,
+    def __init__(self, embed_dim: int, time_embed_dim: int, cross_attention_dim: int,
                  clip_extra_context_tokens: int = 4, text_dim: int | None = None):
         super().__init__()
         self.clip_extra_context_tokens = clip_extra_context_tokens
         # diffusers' null image embedding for classifier-free guidance
-        self.learned_classifier_free_guidance_embeddings = nn.Parameter(torch.zeros(clip_dim))
-        self.embedding_proj = nn.Linear(clip_dim, time_embed_dim)  # z_t -> time embedding
-        self.clip_image_embeddings_project_to_time_embeddings = nn.Linear(clip_dim, time_embed_dim)
-        self.clip_extra_context_tokens_proj = nn.Linear(clip_dim, clip_extra_context_tokens * cross_attention_dim)
-        self.encoder_hidden_states_proj = nn.Linear(text_dim or clip_dim, cross_attention_dim)
+        self.learned_classifier_free_guidance_embeddings = nn.Parameter(torch.zeros(embed_dim))
+        self.embedding_proj = nn.Linear(embed_dim, time_embed_dim)  # z_t -> time embedding
+        self.clip_image_embeddings_project_to_time_embeddings = nn.Linear(embed_dim, time_embed_dim)
+        self.clip_extra_context_tokens_proj = nn.Linear(embed_dim, clip_extra_context_tokens * cross_attention_dim)
+        self.encoder_hidden_states_proj = nn.Linear(text_dim or embed_dim, cross_attention_dim)
         self.text_encoder_hidden_states_norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, text_states: torch.Tensor):
@@ -249,7 +249,7 @@ def _where(drop: torch.Tensor, null: torch.Tensor, value: torch.Tensor) -> torch
     return torch.where(drop, null.to(value.dtype).expand_as(value), value)
 
 
-@register("decoder.Decoder", format_version=1)
+@register("decoder.Decoder", format_version=2)
 class Decoder(nn.Module):
     config_class = DecoderConfig
 
@@ -257,33 +257,34 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.unet = fast_blocks(UNet2DConditionModel(**unet_kwargs(config)))
-        self.text_proj = TextProj(config.clip_dim, config.time_embed_dim, config.cross_attention_dim,
+        self.text_proj = TextProj(config.embed_dim, config.time_embed_dim, config.cross_attention_dim,
                                   config.clip_extra_context_tokens, config.text_dim)
         # learned null caption (diffusers' text_proj has only the null image embedding)
-        self.null_text_emb = nn.Parameter(torch.zeros(config.clip_dim))
+        self.null_text_emb = nn.Parameter(torch.zeros(config.embed_dim))
         self.null_text_states = nn.Parameter(torch.zeros(config.text_dim))
+        self.training_scheduler = self.scheduler("ddpm")  # q(x_t | x0) for the objective
 
     # -- network ---------------------------------------------------------------------------------
 
     def forward(self, x, t, image_emb, text_emb=None, text_states=None, text_mask=None, drop_image=None, drop_text=None):
         """Network prediction (B, C or 2C with learned variance, H, W).
 
-        image_emb/text_emb: (B, clip_dim); text_states: (B, L, text_dim) with optional bool text_mask
+        image_emb/text_emb: (B, embed_dim); text_states: (B, L, text_dim) with optional bool text_mask
         (B, L), True = real token. A missing caption means the null caption. drop_image/drop_text:
         bool (B,) rows to replace by the learned null embeddings (classifier-free guidance).
         """
         cfg = self.config
         B = x.shape[0]
-        if image_emb.shape != (B, cfg.clip_dim):
-            raise ValueError(f"image_emb has shape {tuple(image_emb.shape)}, expected {(B, cfg.clip_dim)}")
+        if image_emb.shape != (B, cfg.embed_dim):
+            raise ValueError(f"image_emb has shape {tuple(image_emb.shape)}, expected {(B, cfg.embed_dim)}")
         no_text = text_emb is None and text_states is None
         if text_emb is None:
             text_emb = self.null_text_emb.expand(B, -1)
         if text_states is None:
             text_states = self.null_text_states.expand(B, 1, -1)
             text_mask = None
-        if text_emb.shape != (B, cfg.clip_dim):
-            raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(B, cfg.clip_dim)}")
+        if text_emb.shape != (B, cfg.embed_dim):
+            raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(B, cfg.embed_dim)}")
         if text_states.dim() != 3 or text_states.shape[0] != B or text_states.shape[2] != cfg.text_dim:
             raise ValueError(f"text_states has shape {tuple(text_states.shape)}, expected (B={B}, L, text_dim={cfg.text_dim})")
         if drop_image is not None:
@@ -306,45 +307,14 @@ class Decoder(nn.Module):
             mask = F.pad(text_mask.bool(), (cfg.clip_extra_context_tokens, 0), value=True)
         return self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
 
-    # -- training --------------------------------------------------------------------------------
+    # -- schedulers ------------------------------------------------------------------------------
 
-    def scheduler(self, sampler: str = "ddpm", clip_sample: float | None = 1.0):
+    def scheduler(self, sampler: str, clip_sample: float | None = 1.0):
+        """A fresh scheduler to sample with ("ddpm", "ddim", "ddim_inverse"; diffusers' are stateful)."""
         cfg = self.config
         return diffusion.make_scheduler(sampler, schedule=cfg.schedule, prediction_type=cfg.prediction_type,
                                         num_train_timesteps=cfg.num_train_timesteps, clip_sample=clip_sample,
                                         learned_variance=cfg.learned_variance)
-
-    def training_loss(self, x0, image_emb, text_emb=None, text_states=None, text_mask=None,
-                      generator: torch.Generator | None = None, network: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-        """Mean loss for a batch of images x0 in [-1, 1]: draws t, noise and the CFG dropout masks.
-
-        network: what to call for the forward pass, default self; pass the DDP/FSDP wrapper of
-        this module so that its forward (and gradient synchronisation) runs.
-
-        Simple MSE on the configured target; with learned variance plus the Improved-DDPM
-        variational term (weight vlb_weight) that trains the variance head with a stopped mean.
-        Autocast-friendly: the loss is computed in float32.
-        """
-        cfg, B, dev = self.config, x0.shape[0], x0.device
-        sched = self._train_scheduler()
-        gen_dev = generator.device if generator is not None else "cpu"
-        t = diffusion.sample_timesteps(B, sched, generator, device=dev)
-        noise = diffusion.randn(x0.shape, generator, device=dev, dtype=x0.dtype)
-        drop_image = (torch.rand(B, generator=generator, device=gen_dev) < cfg.image_emb_dropout).to(dev)
-        drop_text = (torch.rand(B, generator=generator, device=gen_dev) < cfg.text_dropout).to(dev)
-        x_t = diffusion.add_noise(sched, x0, noise, t)
-        out = (network or self)(x_t, t, image_emb, text_emb, text_states, text_mask, drop_image, drop_text).float()
-        C = x0.shape[1]
-        target = diffusion.training_target(sched, x0, noise, t).float()
-        loss = F.mse_loss(out[:, :C], target)
-        if cfg.learned_variance:
-            loss = loss + cfg.vlb_weight * self._vlb(sched, out, x0.float(), x_t.float(), t)
-        return loss
-
-    def _train_scheduler(self):
-        if getattr(self, "_sched", None) is None:
-            self._sched = self.scheduler("ddpm")
-        return self._sched
 
     @staticmethod
     def _vlb(sched, out, x0, x_t, t):
@@ -421,7 +391,7 @@ class Decoder(nn.Module):
     def from_diffusers(cls, unet_dir: str | Path, text_proj_dir: str | Path | None = None, **overrides) -> "Decoder":
         """Build from a `save_pretrained` UNet2DConditionModel directory (e.g. Karlo's `decoder/`)
         and, optionally, the matching `text_proj/` directory. `overrides` set DecoderConfig fields
-        that diffusers does not store (clip_dim, text_dim when there is no text_proj, dropout rates...).
+        that diffusers does not store (embed_dim, text_dim when there is no text_proj, dropout rates...).
         The null-caption parameters are not in diffusers and start at zero; to reproduce Karlo's
         unconditional branch set them from the text encoder's encoding of an empty caption."""
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
@@ -435,7 +405,7 @@ class Decoder(nn.Module):
                       cross_attention_dim=uc.cross_attention_dim, learned_variance=uc.out_channels == 2 * uc.in_channels)
         if text_proj_dir is not None:
             tp = json.loads((Path(text_proj_dir) / "config.json").read_text())
-            fields.update(clip_dim=tp["clip_embeddings_dim"], clip_extra_context_tokens=tp["clip_extra_context_tokens"])
+            fields.update(embed_dim=tp["clip_embeddings_dim"], clip_extra_context_tokens=tp["clip_extra_context_tokens"])
             fields.setdefault("text_dim", tp["clip_embeddings_dim"])
         fields.update(overrides)
         model = cls(DecoderConfig(**fields))
@@ -448,3 +418,58 @@ class Decoder(nn.Module):
             model.text_proj.load_state_dict(load_file(str(Path(text_proj_dir) / "diffusion_pytorch_model.safetensors")))
         return model
 
+
+# -- training objective (models.objective) -------------------------------------------------------
+
+BATCH: dict[str, Field] = {
+    "image": Field("float", ("B", "C", "H", "W"), doc="images in [-1, 1] at image_size"),
+    "image_emb": Field("float", ("B", "embed_dim"), doc="CLIP image embedding z_i"),
+    "text_emb": Field("float", ("B", "embed_dim"), optional=True, doc="CLIP text embedding z_t; absent: no caption"),
+    "text_states": Field("float", ("B", "L", "text_dim"), optional=True, doc="caption token states; absent: no caption"),
+    "text_mask": Field("bool", ("B", "L"), optional=True, doc="True = real token; default all True"),
+    "t": Field("long", ("B",), optional=True, doc="diffusion timesteps in [0, T)"),
+    "noise": Field("float", ("B", "C", "H", "W"), optional=True, doc="Gaussian noise of q(x_t | x0)"),
+    "drop_image": Field("bool", ("B",), optional=True, doc="rows trained with the null image embedding"),
+    "drop_text": Field("bool", ("B",), optional=True, doc="rows trained with the null caption"),
+}
+
+
+def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    """Mean loss on a batch of images: t, noise and the CFG dropout masks (image_drop_prob,
+    text_drop_prob, independent) are drawn unless the batch has them.
+
+    Simple MSE on the configured target; with learned variance plus the Improved-DDPM
+    variational term (weight vlb_weight) that trains the variance head with a stopped mean.
+    Autocast-friendly: the loss is computed in float32. Metrics: loss, mse (+ vlb)."""
+    check_batch(BATCH, batch, "decoder")
+    model = unwrap(network)
+    cfg = model.config
+    x0 = batch["image"]
+    B, dev = x0.shape[0], x0.device
+    sched = model.training_scheduler
+    t = batch["t"] if "t" in batch else diffusion.sample_timesteps(B, sched, generator, device=dev)
+    noise = batch["noise"] if "noise" in batch else diffusion.randn(x0.shape, generator, device=dev, dtype=x0.dtype)
+    drop_image = batch["drop_image"] if "drop_image" in batch else bernoulli(cfg.image_drop_prob, B, generator, dev)
+    drop_text = batch["drop_text"] if "drop_text" in batch else bernoulli(cfg.text_drop_prob, B, generator, dev)
+    x_t = diffusion.add_noise(sched, x0, noise, t)
+    out = network(x_t, t, batch["image_emb"], batch.get("text_emb"), batch.get("text_states"), batch.get("text_mask"),
+                  drop_image, drop_text).float()
+    C = x0.shape[1]
+    target = diffusion.training_target(sched, x0, noise, t).float()
+    mse = F.mse_loss(out[:, :C], target)
+    if not cfg.learned_variance:
+        return mse, detached(loss=mse, mse=mse)
+    vlb = model._vlb(sched, out, x0.float(), x_t.float(), t)
+    loss = mse + cfg.vlb_weight * vlb
+    return loss, detached(loss=loss, mse=mse, vlb=vlb)
+
+
+@migration("decoder.Decoder", from_version=1)
+def _decoder_v1_to_v2(config: dict) -> dict:
+    """Format 1 named the CLIP width `clip_dim` and the dropout rates `image_emb_dropout` and
+    `text_dropout`; format 2 uses the names every model uses (embed_dim, *_drop_prob)."""
+    config = dict(config)
+    for old, new in (("clip_dim", "embed_dim"), ("image_emb_dropout", "image_drop_prob"), ("text_dropout", "text_drop_prob")):
+        if old in config:
+            config[new] = config.pop(old)
+    return config

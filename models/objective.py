@@ -64,6 +64,18 @@ def unwrap(network: nn.Module) -> nn.Module:
             return network
 
 
+def bernoulli(p: float, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """n independent bools, True with probability p (a dropout mask), drawn on the generator's
+    device then moved: a CPU seed gives the same mask on any device."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return (torch.rand(n, generator=generator, device=gen_device) < p).to(device or gen_device)
+
+
+def detached(**metrics: torch.Tensor) -> Metrics:
+    """Metrics as detached float32 scalars (no host sync)."""
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
 def check_batch(contract: Mapping[str, Field], batch: Mapping[str, torch.Tensor], kind: str = "model") -> None:
     """Raise BatchError naming the first missing key, wrong dtype or inconsistent dimension."""
     missing = [k for k, f in contract.items() if not f.optional and k not in batch]

@@ -40,7 +40,7 @@ Guidance convention (diffusers', Karlo's): x0 = uncond + s * (cond - uncond)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from torch.nn import functional as F
 
 from models import diffusion
 from models.checkpoint import migration, register
+from models.objective import Field, bernoulli, check_batch, detached, unwrap
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -92,12 +93,6 @@ SIZES: dict[str, PriorConfig] = {
     "base": PriorConfig(embed_dim=768, text_dim=768, text_len=77, num_heads=32, head_dim=64, num_layers=20),
     "paper": PriorConfig(embed_dim=1024, text_dim=1024, text_len=77, num_heads=32, head_dim=64, num_layers=20),
 }
-
-
-def prior_config(size: str, **overrides) -> PriorConfig:
-    if size not in SIZES:
-        raise ValueError(f"unknown prior size {size!r}; known: {sorted(SIZES)}")
-    return replace(SIZES[size], **overrides)
 
 
 def make_scheduler(config: PriorConfig, sampler: str = "ddim"):
@@ -167,7 +162,11 @@ class DiffusionPrior(nn.Module):
         self.null_text_states = nn.Parameter(torch.zeros(c.text_len, c.text_dim))
         self.null_text_emb = nn.Parameter(torch.zeros(c.embed_dim))
         self.register_buffer("null_text_mask", torch.arange(c.text_len) < 1)
-        self.noise_schedule = make_scheduler(config, "ddpm")  # training-time q(x_t | x0)
+        self.training_scheduler = make_scheduler(config, "ddpm")  # q(x_t | x0) for the objective
+
+    def scheduler(self, sampler: str):
+        """A fresh scheduler to sample with ("ddpm" or "ddim"; diffusers' are stateful)."""
+        return make_scheduler(self.config, sampler)
 
     # ----- the one place where embeddings are scaled -----
     def to_latent(self, z: torch.Tensor) -> torch.Tensor:
@@ -197,14 +196,17 @@ class DiffusionPrior(nn.Module):
         self.null_text_emb.copy_(text_emb.reshape(-1))
 
     # ----- network -----
-    def forward(self, x_t, t, text_emb, text_states, text_mask=None) -> torch.Tensor:
-        """Predict the clean latent x0 from the noised latent x_t [B, D] at integer steps t [B]."""
+    def forward(self, x_t, t, text_emb, text_states, text_mask=None, drop_text=None) -> torch.Tensor:
+        """Predict the clean latent x0 from the noised latent x_t [B, D] at integer steps t [B].
+        drop_text: bool [B], rows whose text condition is replaced by the learned null one."""
         c = self.config
         if x_t.ndim != 2 or x_t.shape[-1] != c.embed_dim:
             raise ValueError(f"x_t must be [batch, {c.embed_dim}], got {tuple(x_t.shape)}")
         if text_emb.shape != x_t.shape:
             raise ValueError(f"text_emb must be {tuple(x_t.shape)} like x_t, got {tuple(text_emb.shape)}")
         text_states, text_mask = self.prepare_text(text_states, text_mask)
+        if drop_text is not None:
+            text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop_text)
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
         # Rows are independent, so rows with short captions (e.g. the one-token null caption of
@@ -254,33 +256,6 @@ class DiffusionPrior(nn.Module):
         # that row only (keys/values see all rows; reassociated in _last_block).
         return tr.proj_to_clip_embeddings(tr.norm_out(_last_block(blocks[-1], h, mask)))
 
-    # ----- training -----
-    def training_loss(self, image_emb, text_emb, text_states, text_mask=None, generator: torch.Generator | None = None):
-        """MSE between predicted and true clean latent (paper: L = E||f(z_i^(t), t, y) - z_i||^2),
-        with t ~ U{0..T-1}, Gaussian noise and text dropout drawn here."""
-        b, device = image_emb.shape[0], image_emb.device
-        text_states, text_mask = self.prepare_text(text_states, text_mask)
-        x0 = self.to_latent(image_emb)
-        t = diffusion.sample_timesteps(b, self.noise_schedule, generator, device)
-        noise = diffusion.randn(x0.shape, generator, device, x0.dtype)
-        x_t = diffusion.add_noise(self.noise_schedule, x0, noise, t)
-        drop = self._draw_drop(b, generator, device)
-        text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop)
-        pred = self(x_t, t, text_emb, text_states, text_mask)
-        return F.mse_loss(pred, diffusion.training_target(self.noise_schedule, x0, noise, t))
-
-    def _draw_drop(self, b: int, generator, device) -> torch.Tensor:
-        gen_device = generator.device if generator is not None else "cpu"
-        return (torch.rand(b, generator=generator, device=gen_device) < self.config.text_drop_prob).to(device)
-
-    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Batch keys: image_emb [B, D], text_emb [B, D], text_states [B, L, text_dim],
-        optional text_mask [B, L] (True = real token)."""
-        missing = {"image_emb", "text_emb", "text_states"} - set(batch)
-        if missing:
-            raise KeyError(f"prior batch is missing {sorted(missing)}; it has {sorted(batch)}")
-        return self.training_loss(batch["image_emb"], batch["text_emb"], batch["text_states"], batch.get("text_mask"), generator)
-
     # ----- sampling -----
     def model_fn(self, text_emb, text_states, text_mask):
         """The denoiser models.diffusion samples with: f(x, t, conditional) -> predicted x0."""
@@ -324,7 +299,7 @@ class DiffusionPrior(nn.Module):
         mask = text_mask.repeat_interleave(candidates, 0)
         x_T = diffusion.randn(emb.shape, generator, emb.device, emb.dtype)
         x = diffusion.sample(
-            self.model_fn(emb, states, mask), make_scheduler(self.config, sampler), x_T, steps,
+            self.model_fn(emb, states, mask), self.scheduler(sampler), x_T, steps,
             eta=eta, generator=generator, guidance_scale=guidance_scale,
         )
         z = self.from_latent(x)
@@ -436,6 +411,37 @@ def best_of(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     score = torch.einsum("bcd,bd->bc", candidates, text_emb.to(candidates.dtype))
     index = score.argmax(dim=1)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
+
+
+# ----- training objective (models.objective) -----
+
+BATCH: dict[str, Field] = {
+    "image_emb": Field("float", ("B", "embed_dim"), doc="CLIP image embedding z_i, the target"),
+    "text_emb": Field("float", ("B", "embed_dim"), doc="CLIP text embedding z_t"),
+    "text_states": Field("float", ("B", "L", "text_dim"), doc="caption token states; L <= text_len"),
+    "text_mask": Field("bool", ("B", "L"), optional=True, doc="True = real token; default all True"),
+    "t": Field("long", ("B",), optional=True, doc="diffusion timesteps in [0, T)"),
+    "noise": Field("float", ("B", "embed_dim"), optional=True, doc="Gaussian noise of q(x_t | x0), latent units"),
+    "drop_text": Field("bool", ("B",), optional=True, doc="rows trained with the null text condition"),
+}
+
+
+def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    """MSE between predicted and true clean latent (paper: L = E||f(z_i^(t), t, y) - z_i||^2), with
+    t ~ U{0..T-1}, Gaussian noise and text dropout (text_drop_prob) drawn unless the batch has them."""
+    check_batch(BATCH, batch, "prior")
+    model = unwrap(network)
+    image_emb = batch["image_emb"]
+    b, device = image_emb.shape[0], image_emb.device
+    sched = model.training_scheduler
+    x0 = model.to_latent(image_emb)
+    t = batch["t"] if "t" in batch else diffusion.sample_timesteps(b, sched, generator, device)
+    noise = batch["noise"] if "noise" in batch else diffusion.randn(x0.shape, generator, device, x0.dtype)
+    drop = batch["drop_text"] if "drop_text" in batch else bernoulli(model.config.text_drop_prob, b, generator, device)
+    x_t = diffusion.add_noise(sched, x0, noise, t)
+    pred = network(x_t, t, batch["text_emb"], batch["text_states"], batch.get("text_mask"), drop)
+    mse = F.mse_loss(pred.float(), diffusion.training_target(sched, x0, noise, t).float())
+    return mse, detached(loss=mse, mse=mse)
 
 
 @migration("prior.DiffusionPrior", from_version=0)

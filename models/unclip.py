@@ -29,7 +29,7 @@ from .upsampler import Upsampler, downsample_to
 
 @dataclass
 class TextCondition:
-    emb: torch.Tensor  # z_t (B, clip_dim)
+    emb: torch.Tensor  # z_t (B, embed_dim)
     states: torch.Tensor  # caption token states (B, L, text_dim)
     mask: torch.Tensor | None = None  # (B, L) bool, True = real token
 

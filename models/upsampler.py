@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -22,6 +20,7 @@ from torch import nn
 
 from . import degradations, diffusion
 from .checkpoint import CheckpointError, migration, register
+from .objective import Field, check_batch, detached, unwrap
 from .decoder import config_mismatch
 
 BLOCK_TYPES = {  # name -> (down block, up block)
@@ -120,6 +119,7 @@ class Upsampler(nn.Module):
         super().__init__()
         self.config = config
         self.unet = UNet2DModel(**unet_kwargs(config))
+        self.training_scheduler = self.scheduler("ddpm")  # q(x_t | x0) for the objective and the augmentation
 
     def forward(self, x_t, t, cond_up, aug_level=None):
         """x_t and cond_up (the upsampled low-res image) at the same, any, size; aug_level: (B,)
@@ -132,15 +132,11 @@ class Upsampler(nn.Module):
             raise ValueError("aug_level given but noise_aug_max == 0 (the model has no noise-level input)")
         return self.unet(torch.cat([x_t, cond_up], dim=1), t, class_labels=aug_level).sample
 
-    def scheduler(self, sampler: str = "ddpm"):
+    def scheduler(self, sampler: str):
+        """A fresh scheduler to sample with ("ddpm", "ddim"; diffusers' are stateful)."""
         cfg = self.config
         return diffusion.make_scheduler(sampler, schedule=cfg.schedule, prediction_type=cfg.prediction_type,
                                         num_train_timesteps=cfg.num_train_timesteps, clip_sample=1.0)
-
-    def _train_scheduler(self):
-        if getattr(self, "_sched", None) is None:
-            self._sched = self.scheduler("ddpm")
-        return self._sched
 
     def condition(self, low: torch.Tensor, generator: torch.Generator | None = None, corrupt: bool = True):
         """Low-res image -> (corrupted) conditioning at the target size."""
@@ -149,44 +145,11 @@ class Upsampler(nn.Module):
             low = degradations.degrade(low, cfg.degradation, generator, blur_kernel=cfg.blur_kernel, blur_sigma=cfg.blur_sigma)
         return upsample_to(low, cfg.image_size)
 
-    def _augment(self, cond, generator, level: int | torch.Tensor | None):
-        """Noise-conditioning augmentation: q(cond_s | cond) at level s; returns (cond_s, s)."""
-        cfg = self.config
-        if cfg.noise_aug_max <= 0:
-            return cond, None
-        B, sched = cond.shape[0], self._train_scheduler()
-        max_t = int(cfg.noise_aug_max * (cfg.num_train_timesteps - 1))
-        gen_dev = generator.device if generator is not None else "cpu"
-        if level is None:  # training: a random level per image
-            s = torch.randint(0, max_t + 1, (B,), generator=generator, device=gen_dev).to(cond.device)
-        else:
-            s = torch.full((B,), int(level), dtype=torch.long, device=cond.device)
+    def _augment(self, cond, generator, level: int):
+        """Noise-conditioning augmentation at sampling time: q(cond_s | cond) at level s; returns (cond_s, s)."""
+        s = torch.full((cond.shape[0],), int(level), dtype=torch.long, device=cond.device)
         noise = diffusion.randn(cond.shape, generator, device=cond.device, dtype=cond.dtype)
-        return diffusion.add_noise(sched, cond, noise, s), s
-
-    def training_loss(self, hi: torch.Tensor, low: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None, network: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-        """hi: (B, C, image_size, image_size) targets in [-1, 1]; low: their low-res versions
-        (default: hi downsampled). Corrupts low, upsamples it, takes the same random crop of a
-        quarter of the side from both, and regresses the configured target on the crop.
-        network: the module to call for the forward pass (default self; the DDP/FSDP wrapper)."""
-        cfg, B = self.config, hi.shape[0]
-        if hi.shape[-2:] != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"hi has size {tuple(hi.shape[-2:])}, expected image_size={cfg.image_size}")
-        low = downsample_to(hi, cfg.low_res_size) if low is None else low
-        cond = self.condition(low, generator)
-        c, gen_dev = cfg.train_crop, (generator.device if generator is not None else "cpu")
-        # one random crop window per image (same window for target and conditioning)
-        ys = torch.randint(0, cfg.image_size - c + 1, (B,), generator=generator, device=gen_dev).tolist()
-        xs = torch.randint(0, cfg.image_size - c + 1, (B,), generator=generator, device=gen_dev).tolist()
-        hi = torch.stack([hi[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys, xs))])
-        cond = torch.stack([cond[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys, xs))])
-        cond, s = self._augment(cond, generator, None)
-        sched = self._train_scheduler()
-        t = diffusion.sample_timesteps(B, sched, generator, device=hi.device)
-        noise = diffusion.randn(hi.shape, generator, device=hi.device, dtype=hi.dtype)
-        out = (network or self)(diffusion.add_noise(sched, hi, noise, t), t, cond, s).float()
-        return F.mse_loss(out, diffusion.training_target(sched, hi, noise, t).float())
+        return diffusion.add_noise(self.training_scheduler, cond, noise, s), s
 
     @torch.no_grad()
     def sample(self, low: torch.Tensor, *, steps: int = 27, sampler: str = "ddim", eta: float = 0.0,
@@ -244,3 +207,68 @@ def _noise_aug_bool_to_level(config: dict) -> dict:
     config = dict(config)
     config["noise_aug_max"] = 0.25 if config.pop("noise_aug", False) else 0.0
     return config
+
+
+# -- training objective (models.objective) -------------------------------------------------------
+
+BATCH: dict[str, Field] = {
+    "image": Field("float", ("B", "C", "H", "W"), doc="target images in [-1, 1] at image_size"),
+    "low": Field("float", ("B", "C", "h", "w"), optional=True,
+                 doc="conditioning images at low_res_size as the data path made them (already degraded: used "
+                     "as given); absent: the image downsampled, then degraded here per the config"),
+    "crop": Field("long", ("B", 2), optional=True, doc="(top, left) of each training crop, in [0, image_size - crop]"),
+    "t": Field("long", ("B",), optional=True, doc="diffusion timesteps in [0, T)"),
+    "noise": Field("float", ("B", "C", "crop", "crop"), optional=True, doc="Gaussian noise of q(x_t | x0) on the crop"),
+    "aug_level": Field("long", ("B",), optional=True, doc="conditioning noise levels (noise_aug_max > 0 only)"),
+    "aug_noise": Field("float", ("B", "C", "crop", "crop"), optional=True, doc="Gaussian noise of the conditioning augmentation"),
+}
+
+
+def crop_windows(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """x[i, :, y_i:y_i + size, x_i:x_i + size] for corners [B, 2] = (y, x), by index arithmetic on
+    the device (no host sync)."""
+    steps = torch.arange(size, device=x.device)
+    rows = (corners[:, 0, None] + steps)[:, :, None]  # [B, size, 1]
+    cols = (corners[:, 1, None] + steps)[:, None, :]  # [B, 1, size]
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: [B, size, size, C]
+
+
+def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    """Regress the configured target on random crops (train_crop, a quarter of the side): the
+    conditioning (batch["low"], or the image downsampled and degraded here) is upsampled to the
+    image size, the same window is cut from it and from the target, and with noise_aug_max > 0 it
+    is noised to a random level the network is told. Crops, t, noise and the augmentation are
+    drawn unless the batch has them. Metrics: loss, mse."""
+    check_batch(BATCH, batch, "upsampler")
+    model = unwrap(network)
+    cfg = model.config
+    hi = batch["image"]
+    B, dev = hi.shape[0], hi.device
+    if hi.shape[-2:] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"upsampler batch['image'] has size {tuple(hi.shape[-2:])}, expected image_size={cfg.image_size}")
+    if "low" in batch:
+        cond = upsample_to(batch["low"], cfg.image_size)
+    else:
+        cond = model.condition(downsample_to(hi, cfg.low_res_size), generator)
+    c, gen_dev = cfg.train_crop, (generator.device if generator is not None else "cpu")
+    sched = model.training_scheduler
+    if "crop" in batch:
+        corners = batch["crop"]
+    else:
+        corners = torch.randint(0, cfg.image_size - c + 1, (B, 2), generator=generator, device=gen_dev).to(dev)
+    hi, cond = crop_windows(hi, corners, c), crop_windows(cond, corners, c)
+    s = None
+    if cfg.noise_aug_max > 0:  # noise-conditioning augmentation: q(cond_s | cond) at a random level s
+        max_level = int(cfg.noise_aug_max * (cfg.num_train_timesteps - 1))
+        if "aug_level" in batch:
+            s = batch["aug_level"]
+        else:
+            s = torch.randint(0, max_level + 1, (B,), generator=generator, device=gen_dev).to(dev)
+        aug = batch["aug_noise"] if "aug_noise" in batch else diffusion.randn(cond.shape, generator, device=dev, dtype=cond.dtype)
+        cond = diffusion.add_noise(sched, cond, aug, s)
+    t = batch["t"] if "t" in batch else diffusion.sample_timesteps(B, sched, generator, device=dev)
+    noise = batch["noise"] if "noise" in batch else diffusion.randn(hi.shape, generator, device=dev, dtype=hi.dtype)
+    out = network(diffusion.add_noise(sched, hi, noise, t), t, cond, s).float()
+    mse = F.mse_loss(out, diffusion.training_target(sched, hi, noise, t).float())
+    return mse, detached(loss=mse, mse=mse)

@@ -3,6 +3,7 @@ dot-product conditioning and checkpoints."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -11,7 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from models import checkpoint
-from models.ar_prior import SIZES, ARPrior, ARPriorConfig, PcaBasis, ar_prior_config, fit_pca_basis
+from models.ar_prior import SIZES, ARPrior, ARPriorConfig, PcaBasis, fit_pca_basis, training_loss
+from models.objective import BatchError
+from models.sizes import config_for
 
 TINY = SIZES["tiny"]
 
@@ -30,7 +33,7 @@ def _model(config: ARPriorConfig = TINY, n: int = 2048, seed: int = 0) -> tuple[
     torch.manual_seed(seed)
     z_i = _embeddings(n, config.embed_dim, seed)
     z_t = F.normalize(z_i + 0.5 * _embeddings(n, config.embed_dim, seed + 1), dim=-1)
-    basis = fit_pca_basis(z_i, config.pca_dims, config.n_buckets, z_t, config.n_dot_buckets)
+    basis = fit_pca_basis(z_i, config.kept_dims, config.num_buckets, z_t, config.similarity_buckets)
     g = torch.Generator().manual_seed(seed)
     data = {"image_emb": z_i, "text_emb": z_t, "text_states": torch.randn(n, config.text_len, config.text_dim, generator=g)}
     return ARPrior(config, basis), data
@@ -55,7 +58,7 @@ def test_tokenize_detokenize_within_half_bucket():
     z = data["image_emb"]
     tokens = model.tokenize(z)
     c = TINY
-    assert tokens.shape == (len(z), c.pca_dims) and tokens.min() >= 0 and tokens.max() < c.n_buckets
+    assert tokens.shape == (len(z), c.kept_dims) and tokens.min() >= 0 and tokens.max() < c.num_buckets
     coef = (z - model.pca_mean) @ model.pca_components.T
     centres = model.bucket_centres().gather(1, tokens.T).T
     lo = model.bucket_edges.gather(1, tokens.T).T
@@ -63,15 +66,15 @@ def test_tokenize_detokenize_within_half_bucket():
     assert ((coef >= lo - 1e-6) & (coef <= hi + 1e-6)).all()  # each value lies in its bucket
     assert ((centres - coef).abs() <= (hi - lo) / 2 + 1e-6).all()
     # quantile buckets: each bucket holds about 1/n_buckets of the fitting data
-    counts = F.one_hot(tokens, c.n_buckets).sum(0).float()
-    assert counts.min() >= 0.5 * len(z) / c.n_buckets
+    counts = F.one_hot(tokens, c.num_buckets).sum(0).float()
+    assert counts.min() >= 0.5 * len(z) / c.num_buckets
     # detokenize is bucket centres through the inverse PCA
     torch.testing.assert_close(model.detokenize(tokens, normalize=False), centres @ model.pca_components + model.pca_mean)
     # out-of-range values land in the end buckets
     far = model.tokenize(model.pca_mean + 100 * model.pca_components[:1])
-    assert far[0, 0] == c.n_buckets - 1
+    assert far[0, 0] == c.num_buckets - 1
     # with all dims kept and fine buckets the round trip is close to the identity
-    full = ar_prior_config("tiny", pca_dims=32, n_buckets=256)
+    full = config_for("ar_prior", "tiny", kept_dims=32, num_buckets=256)
     m = ARPrior(full, fit_pca_basis(z, 32, 256))
     assert F.cosine_similarity(m.detokenize(m.tokenize(z)), z).min() > 0.99
 
@@ -84,10 +87,10 @@ def test_shapes_errors_and_causality():
     dot = model.dot_tokens(data["image_emb"][:b], data["text_emb"][:b])
     states, mask = data["text_states"][:b, :5], torch.tensor([[1, 1, 1, 0, 0]] * b, dtype=torch.bool)
     logits = model(tokens[:, :-1], dot, data["text_emb"][:b], states, mask)
-    assert logits.shape == (b, c.pca_dims, c.n_buckets)
+    assert logits.shape == (b, c.kept_dims, c.num_buckets)
     # causal: changing token j changes no logits at positions <= j (which predict tokens <= j)
     changed = tokens[:, :-1].clone()
-    changed[:, 6] = (changed[:, 6] + 5) % c.n_buckets
+    changed[:, 6] = (changed[:, 6] + 5) % c.num_buckets
     logits2 = model(changed, dot, data["text_emb"][:b], states, mask)
     torch.testing.assert_close(logits[:, :7], logits2[:, :7])
     assert not torch.allclose(logits[:, 7:], logits2[:, 7:])
@@ -99,17 +102,17 @@ def test_shapes_errors_and_causality():
     assert z.shape == (b, c.embed_dim)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(b))
     with pytest.raises(ValueError, match="dot_bucket"):
-        model.sample(data["text_emb"][:b], states, dot_bucket=c.n_dot_buckets)
+        model.sample(data["text_emb"][:b], states, dot_bucket=c.similarity_buckets)
     with pytest.raises(ValueError, match="text_states"):
         model(tokens[:, :-1], dot, data["text_emb"][:b], torch.randn(b, c.text_len + 1, c.text_dim))
     with pytest.raises(ValueError, match="PcaBasis"):
-        ARPrior(TINY, fit_pca_basis(data["image_emb"], 4, TINY.n_buckets))
+        ARPrior(TINY, fit_pca_basis(data["image_emb"], 4, TINY.num_buckets))
     with pytest.raises(RuntimeError, match="no PCA basis"):
         ARPrior(TINY).tokenize(data["image_emb"])
-    with pytest.raises(KeyError, match="text_states"):
-        model.loss({"image_emb": data["image_emb"], "text_emb": data["text_emb"]})
-    with pytest.raises(ValueError, match="unknown AR prior size"):
-        ar_prior_config("huge")
+    with pytest.raises(BatchError, match="text_states"):
+        training_loss(model, {"image_emb": data["image_emb"], "text_emb": data["text_emb"]})
+    with pytest.raises(ValueError, match="unknown ar_prior size"):
+        config_for("ar_prior", "huge")
     assert set(SIZES) >= {"tiny", "small", "base", "paper"}
 
 
@@ -125,7 +128,7 @@ def test_text_dropout_rate(p):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
-            model.loss(data, generator=g)
+            training_loss(model, data, generator=g)
     emb = torch.cat(seen[0::2])
     states = torch.cat(seen[1::2])
     dropped = (emb == 7.0).all(-1)
@@ -146,12 +149,12 @@ def test_guidance_combination():
     with torch.no_grad():
         cond = model(tokens, dot, *args)[:, -1]
         drop = torch.ones(b, dtype=torch.bool)
-        uncond = model(tokens, dot, *args, drop=drop)[:, -1]
+        uncond = model(tokens, dot, *args, drop_text=drop)[:, -1]
         # the unconditional prediction ignores the condition it replaces, and uses the null dot
         other = (data["text_emb"][b : 2 * b], data["text_states"][b : 2 * b, :3], None)
-        torch.testing.assert_close(model(tokens, dot.flip(0), *other, drop=drop)[:, -1], uncond)
+        torch.testing.assert_close(model(tokens, dot.flip(0), *other, drop_text=drop)[:, -1], uncond)
         model.null_dot.add_(1.0)
-        assert not torch.allclose(model(tokens, dot, *args, drop=drop)[:, -1], uncond)
+        assert not torch.allclose(model(tokens, dot, *args, drop_text=drop)[:, -1], uncond)
         model.null_dot.sub_(1.0)
         assert not torch.allclose(cond, uncond)
         torch.testing.assert_close(model.guided_logits(tokens, dot, *args, 1.0), cond)
@@ -163,7 +166,7 @@ def test_trains_and_respects_dot_bucket():
     """Synthetic data where z_i.z_t varies a lot for the same caption: after brief training,
     sampling with a requested dot bucket lands in or near it."""
     torch.manual_seed(0)
-    c = ar_prior_config("tiny", embed_dim=8, text_dim=8, text_len=2, pca_dims=8, n_buckets=16, n_dot_buckets=4, width=64, num_layers=2)
+    c = config_for("ar_prior", "tiny", embed_dim=8, text_dim=8, text_len=2, kept_dims=8, num_buckets=16, similarity_buckets=4, width=64, num_layers=2)
     n = 4096
     g = torch.Generator().manual_seed(0)
     captions = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
@@ -179,7 +182,7 @@ def test_trains_and_respects_dot_bucket():
     losses = []
     for _ in range(250):
         idx = torch.randint(0, n, (128,), generator=g)
-        loss = model.loss({k: v[idx] for k, v in data.items()}, generator=g)
+        loss, _ = training_loss(model, {k: v[idx] for k, v in data.items()}, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -190,7 +193,7 @@ def test_trains_and_respects_dot_bucket():
     m = 64
     zt, states = captions.repeat(m // 4, 1), torch.stack([captions, -captions], 1).repeat(m // 4, 1, 1)
     means = []
-    for bucket in (0, c.n_dot_buckets - 1):
+    for bucket in (0, c.similarity_buckets - 1):
         z = model.sample(zt, states, dot_bucket=bucket, generator=torch.Generator().manual_seed(bucket))
         dots = (z * zt).sum(-1)
         hit = ((dots >= edges[bucket] - 0.1) & (dots <= edges[bucket + 1] + 0.1)).float().mean()
@@ -199,9 +202,9 @@ def test_trains_and_respects_dot_bucket():
     assert means[1] - means[0] > 0.8
     # default: the top half of the dot distribution
     default = model.default_dot_buckets(1000, torch.Generator().manual_seed(0))
-    assert default.min() == c.n_dot_buckets // 2 and default.max() == c.n_dot_buckets - 1
+    assert default.min() == c.similarity_buckets // 2 and default.max() == c.similarity_buckets - 1
     z = model.sample(zt, states, generator=torch.Generator().manual_seed(5))
-    assert (z * zt).sum(-1).mean() > edges[c.n_dot_buckets // 2] - 0.1
+    assert (z * zt).sum(-1).mean() > edges[c.similarity_buckets // 2] - 0.1
 
 
 def test_checkpoint_round_trip_bit_identical(tmp_path):
@@ -219,6 +222,22 @@ def test_checkpoint_round_trip_bit_identical(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_format_1_config_migrates(tmp_path):
+    """Format 1 spelt the token sizes pca_dims / n_buckets / n_dot_buckets."""
+    model, _ = _model()
+    checkpoint.save(model, tmp_path)
+    path = tmp_path / checkpoint.CONFIG_NAME
+    header = json.loads(path.read_text())
+    assert header["format_version"] == 2
+    config = header["config"]
+    for new, old in (("kept_dims", "pca_dims"), ("num_buckets", "n_buckets"), ("similarity_buckets", "n_dot_buckets")):
+        config[old] = config.pop(new)
+    path.write_text(json.dumps({**header, "format_version": 1, "config": config}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.config == model.config
+    assert torch.equal(loaded.bucket_edges, model.bucket_edges)
+
+
 def test_accepts_the_pca_stage_artifact():
     """tasks.pca writes edges as [n_buckets + 1, kept] with all components; the model converts."""
     from tasks.pca import fit_pca
@@ -228,7 +247,7 @@ def test_accepts_the_pca_stage_artifact():
     artifact = fit_pca(z.numpy(), (z * z_t).sum(-1).numpy(), kept_dims=12, num_buckets=32, similarity_buckets=8)
     model = ARPrior.from_basis(artifact, "tiny")
     c = model.config
-    assert (c.embed_dim, c.pca_dims, c.n_buckets, c.n_dot_buckets) == (32, 12, 32, 8)
+    assert (c.embed_dim, c.kept_dims, c.num_buckets, c.similarity_buckets) == (32, 12, 32, 8)
     assert torch.equal(model.tokenize(z), artifact.quantize(z))  # same tokens as the stage's own code
     torch.testing.assert_close(model.detokenize(model.tokenize(z)), artifact.dequantize(artifact.quantize(z)))
     torch.testing.assert_close(model.dot_tokens(z, z_t), artifact.quantize_similarity((z * z_t).sum(-1)))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 
 from models import checkpoint
-from models.decoder import SIZES, Decoder, DecoderConfig, TextProj
+from models.decoder import SIZES, Decoder, DecoderConfig, TextProj, training_loss
 from tests.model_helpers import perturb
 
 TINY = dataclasses.replace(SIZES["tiny"], image_size=16, attention_resolutions=[8])
@@ -26,7 +27,7 @@ def make(cfg=TINY, seed=0):
 def batch(B=3, L=5, cfg=TINY, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
-    return x, torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, cfg.clip_dim, generator=g), torch.randn(B, L, cfg.text_dim, generator=g)
+    return x, torch.randn(B, cfg.embed_dim, generator=g), torch.randn(B, cfg.embed_dim, generator=g), torch.randn(B, L, cfg.text_dim, generator=g)
 
 
 def test_shapes_and_optional_caption():
@@ -49,8 +50,8 @@ def test_bad_config_names_the_field():
         DecoderConfig(image_size=32, block_out_channels=[32, 64], attention_resolutions=[4], norm_num_groups=8)
     with pytest.raises(ValueError, match="prediction_type"):
         dataclasses.replace(TINY, prediction_type="x0")
-    with pytest.raises(ValueError, match="text_dropout"):
-        dataclasses.replace(TINY, text_dropout=1.5)
+    with pytest.raises(ValueError, match="text_drop_prob"):
+        dataclasses.replace(TINY, text_drop_prob=1.5)
 
 
 def test_sizes_and_attention_placement():
@@ -84,7 +85,7 @@ def test_text_proj_matches_diffusers_reference():
 
 
 def test_dropout_rates_within_tolerance():
-    cfg = dataclasses.replace(TINY, image_emb_dropout=0.1, text_dropout=0.5)
+    cfg = dataclasses.replace(TINY, image_drop_prob=0.1, text_drop_prob=0.5)
     m = make(cfg)
     seen = {"image": [], "text": []}
 
@@ -97,7 +98,7 @@ def test_dropout_rates_within_tolerance():
     x, zi, zt, states = batch(B=200)
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
-        m.training_loss(x, zi, zt, states, generator=g)
+        training_loss(m, {"image": x, "image_emb": zi, "text_emb": zt, "text_states": states}, generator=g)
     di, dt = torch.cat(seen["image"]).float(), torch.cat(seen["text"]).float()
     n = di.numel()
     for rate, p in ((di.mean(), 0.1), (dt.mean(), 0.5), ((di * dt).mean(), 0.05)):  # independent draws
@@ -143,7 +144,7 @@ def test_guidance_one_equals_conditional_sample():
 def test_loss_falls_and_overfits_four_images():
     """x0-prediction decoder, no dropout: 150 steps make a DDIM sample reproduce each training
     image from its z_i (and not the others)."""
-    cfg = dataclasses.replace(TINY, prediction_type="sample", image_emb_dropout=0.0, text_dropout=0.0)
+    cfg = dataclasses.replace(TINY, prediction_type="sample", image_drop_prob=0.0, text_drop_prob=0.0)
     m = make(cfg).train()
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     imgs = torch.stack([
@@ -151,11 +152,11 @@ def test_loss_falls_and_overfits_four_images():
         torch.stack([(xx**2 + yy**2 < 0.5).float() * 2 - 1] * 3), torch.stack([xx.sign(), yy.sign(), (xx * yy).sign()]),
     ])
     g = torch.Generator().manual_seed(0)
-    zi = torch.nn.functional.normalize(torch.randn(4, cfg.clip_dim, generator=g), dim=-1) * 8
+    zi = torch.nn.functional.normalize(torch.randn(4, cfg.embed_dim, generator=g), dim=-1) * 8
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for _ in range(150):
-        loss = m.training_loss(imgs, zi, generator=g)
+        loss, _ = training_loss(m, {"image": imgs, "image_emb": zi}, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -172,8 +173,9 @@ def test_loss_falls_and_overfits_four_images():
 def test_learned_variance_loss_is_finite_and_trains_variance_head():
     m = make(dataclasses.replace(TINY, learned_variance=True)).train()
     x, zi, zt, states = batch()
-    loss = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss)
+    loss, metrics = training_loss(m, {"image": x, "image_emb": zi, "text_emb": zt, "text_states": states},
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and set(metrics) == {"loss", "mse", "vlb"}
     loss.backward()
     assert m.unet.conv_out.weight.grad[3:].abs().sum() > 0  # the variance channels get gradient
     m.eval()
@@ -200,7 +202,7 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path):
     mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
     torch.manual_seed(3)
     unet = perturb(UNet2DConditionModel(**unet_kwargs(TINY))).eval()
-    proj = perturb(mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=TINY.clip_dim,
+    proj = perturb(mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=TINY.embed_dim,
                                            time_embed_dim=TINY.time_embed_dim, cross_attention_dim=TINY.cross_attention_dim))
     unet.save_pretrained(tmp_path / "decoder")
     proj.save_pretrained(tmp_path / "text_proj")
@@ -229,30 +231,25 @@ def test_training_loss_under_bf16_autocast():
     m = make(dataclasses.replace(TINY, learned_variance=True)).train()
     x, zi, zt, states = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
+        loss, _ = training_loss(m, {"image": x, "image_emb": zi, "text_emb": zt, "text_states": states},
+                                generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
-def test_training_loss_calls_the_given_wrapper():
-    """Under DDP the wrapper's forward must run; training_loss(network=wrapper) does that."""
-    m = make().train()
-
-    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
-        def __init__(self, module):
-            super().__init__()
-            self.module, self.calls = module, 0
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return self.module(*args, **kwargs)
-
-    w = Wrapper(m)
-    x, zi, zt, states = batch()
-    a = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0), network=w)
-    b = m.training_loss(x, zi, zt, states, generator=torch.Generator().manual_seed(0))
-    assert w.calls == 1 and torch.equal(a, b)
+def test_format_1_config_migrates(tmp_path):
+    """Format 1 spelt the CLIP width clip_dim and the dropout rates image_emb_dropout/text_dropout."""
+    m = make()
+    checkpoint.save(m, tmp_path)
+    path = tmp_path / checkpoint.CONFIG_NAME
+    header = json.loads(path.read_text())
+    assert header["format_version"] == 2
+    config = header["config"]
+    for new, old in (("embed_dim", "clip_dim"), ("image_drop_prob", "image_emb_dropout"), ("text_drop_prob", "text_dropout")):
+        config[old] = config.pop(new)
+    path.write_text(json.dumps({**header, "format_version": 1, "config": config}))
+    assert checkpoint.load(tmp_path).config == m.config
 
 
 def test_diffusers_directory_with_unsupported_settings_is_refused(tmp_path):

@@ -13,7 +13,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer
 from torch.nn import functional as F
 
 from models import checkpoint
-from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_scheduler, prior_config, row_groups
+from models.objective import BatchError
+from models.prior import SIZES, DiffusionPrior, PriorConfig, best_of, make_scheduler, row_groups, training_loss
+from models.sizes import config_for
 
 TINY = SIZES["tiny"]
 
@@ -45,7 +47,8 @@ def test_shapes_and_input_errors():
     d = _data(3, model.config, tokens=5)  # fewer tokens than text_len: padded and masked
     x = torch.randn(3, TINY.embed_dim)
     assert model(x, torch.tensor([0, 10, 999]), d["text_emb"], d["text_states"]).shape == (3, TINY.embed_dim)
-    loss = model.loss(d)
+    loss, metrics = training_loss(model, d)
+    assert set(metrics) == {"loss", "mse"} and not metrics["loss"].requires_grad
     assert loss.ndim == 0 and torch.isfinite(loss)
     z = model.sample(d["text_emb"], d["text_states"], steps=3, candidates=2, guidance_scale=2.0)
     assert z.shape == (3, TINY.embed_dim)
@@ -54,14 +57,14 @@ def test_shapes_and_input_errors():
         model(x, 0, d["text_emb"], torch.randn(3, TINY.text_len + 1, 24))
     with pytest.raises(ValueError, match="x_t"):
         model(torch.randn(3, 7), 0, d["text_emb"], d["text_states"])
-    with pytest.raises(KeyError, match="text_states"):
-        model.loss({"image_emb": d["image_emb"], "text_emb": d["text_emb"]})
+    with pytest.raises(BatchError, match="text_states"):
+        training_loss(model, {"image_emb": d["image_emb"], "text_emb": d["text_emb"]})
     with pytest.raises(ValueError, match="sampler"):
         model.sample(d["text_emb"], d["text_states"], sampler="euler")
     with pytest.raises(ValueError, match="text_drop_prob"):
         PriorConfig(text_drop_prob=1.5)
     with pytest.raises(ValueError, match="unknown prior size"):
-        prior_config("huge")
+        config_for("prior", "huge")
     assert set(SIZES) >= {"tiny", "small", "base", "paper"}
 
 
@@ -143,7 +146,7 @@ def test_overfits_32_pairs():
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(300):
-        loss = model.loss(d, generator=g)
+        loss, _ = training_loss(model, d, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,7 +174,7 @@ def test_text_dropout_rate(p):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
-            model.loss(d, generator=g)
+            training_loss(model, d, generator=g)
     emb = torch.cat(seen)
     # per call: rows are run in groups of different caption lengths (dropped rows: one token)
     states_dropped = torch.cat([(states == -3.0).all(-1).all(-1) for states in seen_states])
@@ -311,7 +314,7 @@ def test_loads_diffusers_save_pretrained(tmp_path):
         torch.testing.assert_close(ours.from_latent(x), reference.post_process_latents(x))
         torch.testing.assert_close(ours.to_latent(ours.from_latent(x)), x, rtol=1e-4, atol=1e-4)
     # and it trains and saves like one of ours
-    ours.train().loss({"image_emb": emb, "text_emb": emb, "text_states": states}).backward()
+    training_loss(ours.train(), {"image_emb": emb, "text_emb": emb, "text_states": states})[0].backward()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     checkpoint.save(ours, tmp_path / "ours")
     again = checkpoint.load(tmp_path / "ours").eval()

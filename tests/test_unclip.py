@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models import decoder as dec
 from models import upsampler as ups
+from models.sizes import config_for
 from models.unclip import Stage, TextCondition, UnCLIP, pca_reconstruct, slerp, slerp_images, text_diff
 from tests.model_helpers import perturb
 
@@ -36,7 +37,7 @@ class FakePrior:
 
 def fake_text_encoder(captions):
     rows = [torch.Generator().manual_seed(sum(map(ord, c))) for c in captions]
-    emb = torch.stack([F.normalize(torch.randn(DEC.clip_dim, generator=g), dim=0) for g in rows])
+    emb = torch.stack([F.normalize(torch.randn(DEC.embed_dim, generator=g), dim=0) for g in rows])
     states = torch.stack([torch.randn(6, DEC.text_dim, generator=g) for g in rows])
     mask = torch.ones(len(captions), 6, dtype=torch.bool)
     mask[:, 4:] = False
@@ -55,7 +56,7 @@ def images(B=2):
     return 0.8 * torch.stack(pics[:B])
 
 
-def unit(B, D=DEC.clip_dim, seed=0):
+def unit(B, D=DEC.embed_dim, seed=0):
     return F.normalize(torch.randn(B, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
@@ -131,7 +132,7 @@ def test_composed_sampler_runs_every_stage_with_its_settings(model):
     again, _ = run(0)
     assert torch.equal(image, again)  # one generator seeds every stage
     assert not torch.equal(image, run(1)[0])
-    assert z_i.shape == (2, DEC.clip_dim)
+    assert z_i.shape == (2, DEC.embed_dim)
 
 
 def test_decode_from_text_embedding_and_reconstruction(model):
@@ -211,7 +212,7 @@ def test_text_diff_frames_and_pca_probe(model):
     torch.testing.assert_close(frames[:1], first, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(frames[0], frames[1])
     # PCA probe: every k decoded from the same seed; k = D (full basis) is the embedding itself
-    D = DEC.clip_dim
+    D = DEC.embed_dim
     comps, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
     mean = torch.zeros(D)
     probe = model.pca_probe(z_i, mean, comps.T, [D, 2, D], seed=5, steps=3, upsample=False)
@@ -226,7 +227,7 @@ def test_with_the_real_diffusion_prior(model):
     """The Protocol fits models.prior.DiffusionPrior (tiny, random): text -> z_i -> image."""
     prior_mod = pytest.importorskip("models.prior")
     torch.manual_seed(0)
-    prior = prior_mod.DiffusionPrior(prior_mod.prior_config("tiny", embed_dim=DEC.clip_dim, text_dim=DEC.text_dim)).eval()
+    prior = prior_mod.DiffusionPrior(config_for("prior", "tiny", embed_dim=DEC.embed_dim, text_dim=DEC.text_dim)).eval()
     unclip = UnCLIP(model.decoder, prior, model.upsamplers, fake_text_encoder)
     image, z_i = unclip.sample(["a red circle"], generator=torch.Generator().manual_seed(0),
                                prior=dict(steps=2, guidance_scale=2.0, candidates=2), decoder=Stage(steps=2),

@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 
 from models import checkpoint
-from models.upsampler import SIZES, Upsampler, downsample_to, unet_kwargs
+from models.upsampler import SIZES, Upsampler, crop_windows, downsample_to, training_loss, unet_kwargs
 from tests.model_helpers import perturb
 
 TINY = SIZES["tiny"]  # 16 -> 32 px, training crops 8 px
@@ -49,7 +49,7 @@ def test_trains_on_crops_and_samples_at_full_size():
     seen = []
     m.unet.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
     hi = smooth_images()
-    loss = m.training_loss(hi, generator=torch.Generator().manual_seed(0))
+    loss, _ = training_loss(m, {"image": hi}, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert seen[-1] == (4, 6, 8, 8)  # a quarter of the side, target + conditioning channels
     m.eval()
@@ -68,7 +68,7 @@ def test_loss_falls():
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = m.training_loss(hi, generator=g)
+        loss, _ = training_loss(m, {"image": hi}, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,12 +92,17 @@ def test_conditioning_is_corrupted_per_config():
 def test_noise_conditioning_augmentation():
     m = make(dataclasses.replace(TINY, noise_aug_max=0.5))
     assert m.unet.config.class_embed_type == "timestep"
-    cond = torch.zeros(2000, 1, 1, 1)
-    noisy, s = m._augment(cond, torch.Generator().manual_seed(0), None)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args))
+    B = 500
+    zero = {"image": torch.zeros(B, 3, 32, 32), "crop": torch.zeros(B, 2, dtype=torch.long)}
+    with torch.no_grad():
+        training_loss(m, zero, generator=torch.Generator().manual_seed(0))
+    _, _, noisy, s = seen[-1]  # the conditioning of a zero image is pure augmentation noise
     assert s.min() >= 0 and s.max() <= 499 and s.float().std() > 100  # random levels up to 0.5 T
-    abar = m._train_scheduler().alphas_cumprod[s]
-    torch.testing.assert_close(noisy.flatten().pow(2).mean(), (1 - abar).mean(), rtol=0.1, atol=0)
-    m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0)).backward()
+    abar = m.training_scheduler.alphas_cumprod[s]
+    torch.testing.assert_close(noisy.pow(2).mean((1, 2, 3)).mean(), (1 - abar).mean(), rtol=0.1, atol=0)
+    training_loss(m, {"image": smooth_images(B=2)}, generator=torch.Generator().manual_seed(0))[0].backward()
     out = m.sample(downsample_to(smooth_images(B=2), 16), steps=2, aug_level=100, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="aug_level"):
@@ -164,15 +169,28 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path, block_type):
 def test_training_loss_under_bf16_autocast():
     m = make(dataclasses.replace(TINY, degradation="bsr", noise_aug_max=0.3)).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0))
+        loss, _ = training_loss(m, {"image": smooth_images(B=2)}, generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
 
 
-def test_training_loss_calls_the_given_wrapper():
-    m = make().train()
-    calls = []
-    wrapper = lambda *a, **kw: (calls.append(1), m(*a, **kw))[1]
-    a = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0), network=wrapper)
-    b = m.training_loss(smooth_images(B=2), generator=torch.Generator().manual_seed(0))
-    assert calls == [1] and torch.equal(a, b)
+def test_crops_are_the_windows_at_the_given_corners():
+    x = torch.randn(3, 2, 10, 12, generator=torch.Generator().manual_seed(0))
+    corners = torch.tensor([[0, 0], [6, 8], [2, 5]])
+    expected = torch.stack([x[i, :, y:y + 4, z:z + 4] for i, (y, z) in enumerate(corners.tolist())])
+    assert torch.equal(crop_windows(x, corners, 4), expected)
+
+
+def test_a_given_low_res_batch_is_used_as_is():
+    """`low` comes from the data path already degraded: with it, the config's degradation is not
+    applied again (here: "bsr" with low given equals "none" on the same low-res images)."""
+    hi = smooth_images(B=2)
+    low = downsample_to(hi, 16) + 0.1
+    fixed = {"crop": torch.tensor([[0, 8], [16, 4]]), "t": torch.tensor([10, 600]),
+             "noise": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    plain, bsr = make(dataclasses.replace(TINY, degradation="none")), make(dataclasses.replace(TINY, degradation="bsr"))
+    a, _ = training_loss(plain, {"image": hi, "low": low, **fixed})
+    b, _ = training_loss(bsr, {"image": hi, "low": low, **fixed}, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c, _ = training_loss(plain, {"image": hi, **fixed})  # default: the image downsampled
+    assert not torch.equal(a, c)
