@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from models import checkpoint, decoder
 from models.ar_prior import fit_pca_basis
 from models.checkpoint import CheckpointError
-from models.sizes import build
+from models.sizes import build, objective
 from models.training_state import EMA, load_training_state, save_training_state, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,8 +31,7 @@ KINDS = ["prior", "ar_prior", "decoder", "upsampler"]
 N, M = 3, 3  # steps before and after the resume
 
 
-# ----- a tiny training run per kind, written against the models' current loss methods -----
-# (one local function per kind, so the loop can switch to models.objective in one place)
+# ----- a tiny training run per kind, through the kind's objective (models.sizes.objective) -----
 
 def _network(kind: str) -> torch.nn.Module:
     if kind == "decoder":
@@ -41,7 +40,7 @@ def _network(kind: str) -> torch.nn.Module:
     if kind == "ar_prior":  # a basis fitted on fixed data (buffers, restored from the checkpoint)
         g = torch.Generator().manual_seed(7)
         z = F.normalize(torch.randn(256, network.config.embed_dim, generator=g), dim=-1)
-        network.set_basis(fit_pca_basis(z, network.config.pca_dims, network.config.n_buckets, z.roll(1, 0), network.config.n_dot_buckets))
+        network.set_basis(fit_pca_basis(z, network.config.kept_dims, network.config.num_buckets, z.roll(1, 0), network.config.similarity_buckets))
     return network
 
 
@@ -52,18 +51,14 @@ def _batch(kind: str, network, step: int, b: int = 2) -> dict[str, torch.Tensor]
                 "text_emb": F.normalize(torch.randn(b, c.embed_dim, generator=g), dim=-1),
                 "text_states": torch.randn(b, c.text_len, c.text_dim, generator=g)}
     if kind == "decoder":
-        return {"x0": torch.rand(b, 3, c.image_size, c.image_size, generator=g) * 2 - 1,
-                "image_emb": torch.randn(b, c.clip_dim, generator=g), "text_emb": torch.randn(b, c.clip_dim, generator=g),
+        return {"image": torch.rand(b, 3, c.image_size, c.image_size, generator=g) * 2 - 1,
+                "image_emb": torch.randn(b, c.embed_dim, generator=g), "text_emb": torch.randn(b, c.embed_dim, generator=g),
                 "text_states": torch.randn(b, 4, c.text_dim, generator=g)}
-    return {"hi": torch.rand(b, 3, c.image_size, c.image_size, generator=g) * 2 - 1}
+    return {"image": torch.rand(b, 3, c.image_size, c.image_size, generator=g) * 2 - 1}
 
 
 def _loss(kind: str, network, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    if kind in ("prior", "ar_prior"):
-        return network.loss(batch, generator)
-    if kind == "decoder":
-        return network.training_loss(batch["x0"], batch["image_emb"], batch["text_emb"], batch["text_states"], generator=generator)
-    return network.training_loss(batch["hi"], generator=generator)
+    return objective(kind)(network, batch, generator)[0]
 
 
 def _parts(kind: str, init_seed: int):
