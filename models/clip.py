@@ -25,6 +25,7 @@ its objective `training_loss` (open_clip's contrastive `ClipLoss`, exact under d
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -386,6 +387,11 @@ class ClipModel(torch.nn.Module):
         x = ((image + 1) / 2 - self.image_mean) / self.image_std  # [-1, 1] -> CLIP's normalisation
         image_features, text_features, logit_scale = self.model(x, text_tokens)
         return image_features, text_features, logit_scale
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """open_clip's training clamps the learned temperature: exp(logit_scale) <= 100."""
+        self.model.logit_scale.clamp_(0, math.log(100))
 
     def encoder(self) -> ClipEncoder:
         return ClipEncoder(deepcopy(self.model), name="trained")

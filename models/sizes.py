@@ -56,6 +56,13 @@ def build(kind: str, size: str, **overrides) -> nn.Module:
     return _lookup(kind).network(config_for(kind, size, **overrides))
 
 
+def build_from_config(kind: str, config: dict) -> nn.Module:
+    """The network of a config given as a dict (e.g. `dataclasses.asdict(config_for(...))` sent to
+    a training worker)."""
+    network = _lookup(kind).network
+    return network(network.config_class(**config))
+
+
 def objective(kind: str) -> Objective:
     return _lookup(kind).training_loss
 

@@ -16,8 +16,14 @@ from tasks.embed import EmbedConfig
 from tasks.ingest import IngestConfig
 from tasks.pca import PcaConfig
 from tasks.synth import SynthConfig
+from tasks.train_clip import TrainClipConfig
+from tasks.train_decoder import TrainDecoderConfig
+from tasks.train_prior import TrainPriorConfig
+from tasks.train_upsampler import TrainUpsamplerConfig
 
-STAGE_ORDER = ("synth", "ingest", "embed", "pca")  # the DAG's topological order; pipelines.dag holds the edges
+# the DAG's topological order; pipelines.dag holds the edges
+STAGE_ORDER = ("synth", "ingest", "train_clip", "embed", "pca", "train_prior", "train_decoder", "train_upsampler")
+OPTIONAL_STAGES = ("train_clip",)  # run only when listed in `stages` (embed.clip_from: train_clip)
 
 
 class ConfigError(ValueError):
@@ -45,7 +51,8 @@ class PipelineConfig(BaseModel):
     name: str = "unclip"
     storage: str = Field("outputs", description="root of every stage's output (local or shared file system path)")
     seed: int = 0
-    stages: list[Literal[STAGE_ORDER]] = Field(default_factory=lambda: list(STAGE_ORDER))  # type: ignore[valid-type]
+    stages: list[Literal[STAGE_ORDER]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [s for s in STAGE_ORDER if s not in OPTIONAL_STAGES])
     progress: bool = True
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -53,6 +60,10 @@ class PipelineConfig(BaseModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     pca: PcaConfig = Field(default_factory=PcaConfig)
+    train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
+    train_prior: TrainPriorConfig = Field(default_factory=TrainPriorConfig)
+    train_decoder: TrainDecoderConfig = Field(default_factory=TrainDecoderConfig)
+    train_upsampler: TrainUpsamplerConfig = Field(default_factory=TrainUpsamplerConfig)
 
     @field_validator("stages")
     @classmethod

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, ingest, pca, synth
+from tasks import embed, ingest, pca, synth, train_clip, train_decoder, train_prior, train_upsampler
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class Stage:
     incremental: bool = False
     external_inputs: Callable[[PipelineConfig], list[str]] = field(default=lambda cfg: [])
     needs_ray: bool = False  # the runner starts (or joins) Ray before such a stage
+    # A resumable stage (training) continues from its checkpoints after a crash with the same
+    # settings, but starts over when its inputs changed.
+    resumable: bool = False
 
 
 DAG: dict[str, Stage] = {
@@ -34,8 +37,28 @@ DAG: dict[str, Stage] = {
         external_inputs=lambda cfg: [cfg.ingest.url_list] if cfg.ingest.url_list else [],
     ),
     # embed keeps one Parquet file per finished tar shard and embeds only shards without one
-    "embed": Stage("embed", embed.run, inputs=lambda cfg: ("ingest",), incremental=True, needs_ray=True),
+    "train_clip": Stage("train_clip", train_clip.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True),
+    "embed": Stage(
+        "embed",
+        embed.run,
+        inputs=lambda cfg: ("ingest", "train_clip") if cfg.embed.clip_from == "train_clip" else ("ingest",),
+        incremental=True,
+        needs_ray=True,
+    ),
     "pca": Stage("pca", pca.run, inputs=lambda cfg: ("embed",)),
+    "train_prior": Stage(
+        "train_prior",
+        train_prior.run,
+        inputs=lambda cfg: ("embed", "pca") if cfg.train_prior.kind == "ar_prior" else ("embed",),
+        resumable=True,
+        needs_ray=True,
+    ),
+    "train_decoder": Stage(
+        "train_decoder", train_decoder.run, inputs=lambda cfg: ("ingest", "embed"), resumable=True, needs_ray=True
+    ),
+    "train_upsampler": Stage(
+        "train_upsampler", train_upsampler.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True
+    ),
 }
 assert tuple(DAG) == STAGE_ORDER
 

@@ -27,6 +27,7 @@ from pipelines.dag import Stage, plan
 from tasks.context import StageContext
 
 MANIFEST = "_manifest.json"
+MLFLOW_RUN_ID = ".mlflow_run_id"
 STARTED = ".started"  # not *.json: img2dataset treats every json in its folder as a finished shard
 
 console = Console(stderr=True)
@@ -93,7 +94,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     # An incremental stage keeps what it has when its own settings are unchanged: after a crash
     # (the start marker says so) or when only its inputs grew (the old manifest says so).
     started_with = (out_dir / STARTED).read_text() if (out_dir / STARTED).is_file() else None
-    resume = stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))
+    resume = (stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))) or (
+        stage.resumable and config_hash == started_with)
     if out_dir.exists() and not resume:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,11 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         ensure_ray(cfg)
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
     started = datetime.now(timezone.utc)
-    with mlflow.start_run(run_name=stage.name, nested=True):
+    # A resumed stage continues its own MLflow run (its id is kept in the stage directory).
+    run_id_file = out_dir / MLFLOW_RUN_ID
+    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True) as child:
+        run_id_file.write_text(child.info.run_id)
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
         mlflow.set_tag("unclip.stage", stage.name)
         t0 = time.perf_counter()

@@ -168,3 +168,26 @@ def embedding_dataset(embed_dir: str | os.PathLike, split: Split = "train", *, v
         if columns is not None:
             ds = ds.select_columns(list(columns) + (["image"] if "image" not in columns else []))
     return ds
+
+
+def rows_without_image(embed_dir: str | os.PathLike, ingest_dir: str | os.PathLike) -> int:
+    """Embedding rows whose image is missing from their tar shard (or whose shard is gone or cut
+    short): the image join skips them, and a training stage reports how many. Reads tar headers
+    only, not the images."""
+    import tarfile
+
+    missing = 0
+    for path in list_embedding_files(embed_dir):
+        keys = set(pq.read_table(str(path), columns=["key"])["key"].to_pylist())
+        tar = Path(ingest_dir) / f"{path.stem}{RAW_SHARD_SUFFIX}"
+        present = set()
+        try:
+            with tarfile.open(tar, mode="r|*") as archive:
+                for member in archive:
+                    stem, _, ext = member.name.rpartition("/")[2].partition(".")
+                    if ext.lower() in IMAGE_EXTENSIONS:
+                        present.add(stem)
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # a truncated or missing shard: the images read before the damage count
+        missing += len(keys - present)
+    return missing

@@ -69,6 +69,8 @@ MARKER = "__end__"
 class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    clip_from: Literal["config", "train_clip"] = Field(
+        "config", description="config: the CLIP named below; train_clip: the one the train_clip stage trained")
     clip_model: str | None = Field("ViT-L-14", description="open_clip model name (ignored when clip_arch is set)")
     clip_pretrained: str | None = Field(
         "openai", description="open_clip pretrained tag, or a local .safetensors path (relative: to storage); "
@@ -383,6 +385,10 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     remove_stale_temp_files(out_dir)
     shards = list_raw_shards(ctx.input("ingest"))
 
+    if cfg.clip_from == "train_clip":  # the CLIP the train_clip stage exported (tasks.train_clip)
+        trained = ctx.input("train_clip") / "clip"
+        cfg = cfg.model_copy(update={"clip_model": None, "clip_arch": str(trained / "arch.json"),
+                                     "clip_pretrained": str(trained / "clip.safetensors")})
     spec = resolve_clip_spec(cfg, out_dir, Path(ctx.storage), ctx.seed)
     fingerprint = clip_fingerprint(spec, cfg)
     (out_dir / CLIP_DIR).mkdir(exist_ok=True)

@@ -30,7 +30,7 @@ def test_override_sets_typed_value():
         ("ingest.max_failure_rate=1.5", "ingest.max_failure_rate", "less than or equal to 1"),
         ("synth.n=0", "synth.n", "greater than or equal to 1"),
         ("ingest.bogus=1", "ingest.bogus", "allowed here: additional_columns"),
-        ("stages=[synth, train_magic]", "stages.1", "'embed' or 'pca'"),
+        ("stages=[synth, train_magic]", "stages.1", "'train_decoder' or 'train_upsampler'"),
         ("ingest.distributor=spark", "ingest.distributor", "'auto', 'multiprocessing' or 'ray'"),
     ],
 )
@@ -48,7 +48,7 @@ def test_stage_whose_input_is_not_configured_is_rejected():
 
 def test_unknown_until_stage_is_rejected():
     with pytest.raises(ConfigError, match="not in this config's stages"):
-        plan(load_config(CONFIGS / "quick.yaml"), until="train_prior")
+        plan(load_config(CONFIGS / "quick.yaml"), until="train_clip")
 
 
 def test_cli_exits_2_and_names_the_key(tmp_path):

@@ -51,13 +51,13 @@ def mlflow_runs(db: Path) -> pd.DataFrame:
 
 def test_second_run_skips_and_mlflow_has_parent_and_children(tmp_path):
     storage = tmp_path / "store"
-    first = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", cwd=tmp_path)
+    first = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", "--until", "pca", cwd=tmp_path)
     for stage in ("synth", "ingest", "embed", "pca"):
         assert f"✓  {stage}" in first.stderr
     manifest = yaml.safe_load((storage / "ingest" / "_manifest.json").read_text())
     assert manifest["counts"]["success"] == 30 and manifest["package_version"]
     assert yaml.safe_load((storage / "embed" / "_manifest.json").read_text())["counts"]["rows"] == 30
-    second = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", cwd=tmp_path)
+    second = unclip("run", QUICK, "--storage", storage, "--set", "synth.n=30", "--set", "pca.kept_dims=16", "--until", "pca", cwd=tmp_path)
     for stage in ("synth", "ingest", "embed", "pca"):
         assert f"{stage}: up to date" in second.stderr
 

@@ -1,0 +1,476 @@
+"""The one Ray Train loop every `train_*` stage runs; a stage brings only its `TrainSpec`.
+
+    driver (stage's run):  fit(spec, cfg, ctx, train_ds, val_ds)
+        └─ TorchTrainer(train_loop, ScalingConfig from cfg + cluster, RunConfig(storage=<out_dir>))
+    each worker:  build network (models.sizes) → init_from → prepare_model (DDP) → resume from
+        ray.train.get_checkpoint() → steps: batches from get_dataset_shard("train"), spec.batches
+        turns them into the kind's objective batch, AdamW + warm-up/cosine, clipping,
+        accumulation, EMA, NaN/inf skips → every `checkpoint_every`: validation loss (EMA),
+        training state reported via ray.train.report → rank 0 logs to MLflow.
+
+After `fit`, `<out_dir>/ema` (exported weights), `<out_dir>/network` (raw) and `<out_dir>/best`
+(the EMA of the kept checkpoint with the lowest validation loss) load with
+`models.checkpoint.load`, without Ray. A re-run of the stage with the same `RunConfig` resumes from
+the latest persisted checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.context import EXECUTION_ONLY, StageContext
+
+RAY_RUN_NAME = "ray_train"
+EXPORTS = ("ema", "network", "best")
+
+
+class TrainingFailed(RuntimeError):
+    """A training stage that cannot finish; the message says why and what to change."""
+
+
+class TrainConfig(BaseModel):
+    """Settings every training stage shares; a stage's config class adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: str = Field("tiny", description="named size in models/sizes.py (tiny, small, base, paper)")
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the named size's config fields")
+    init_from: str | None = Field(None, description="start from these weights: a models.checkpoint directory, "
+                                  "a finished stage's output directory (its `ema/`), or a diffusers directory")
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: no clipping)")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+t)/(10+t)) at update t")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
+    workers: int = Field(1, ge=1, description="data-parallel training workers (DDP)", json_schema_extra=EXECUTION_ONLY)
+    use_gpu: bool = Field(False, description="one GPU per worker", json_schema_extra=EXECUTION_ONLY)
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="default: what the cluster can give while leaving room for Ray Data",
+        json_schema_extra=EXECUTION_ONLY)
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (and validation)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept besides the latest (the best by validation loss)")
+    log_every: int = Field(20, ge=1, description="steps between metric logs")
+    sample_every: int | None = Field(None, ge=1, description="steps between sample artifacts (default: at checkpoints)")
+    val_batches: int = Field(4, ge=1, description="validation batches per evaluation")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="rows held out for validation (by key hash)")
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
+    max_bad_steps: int = Field(20, ge=1, description="consecutive NaN/inf steps before the stage stops")
+    cache_data: bool = Field(
+        True, description="hold the training data in Ray's object store after the first read (fast epochs on "
+        "small data); turn off for data larger than the object store, which is then streamed every epoch",
+        json_schema_extra=EXECUTION_ONLY)
+
+
+@dataclass
+class TrainSpec:
+    """What a stage brings to the loop.
+
+    kind: a models.sizes kind. batches: a class built once per worker as
+    `batches(device, **batch_args)` and called on each Ray Data torch batch (dict of CPU tensors)
+    to give the objective's batch on `device` (e.g. caption states from the frozen CLIP).
+    samples: optional `samples(network, batch, step, directory) -> (paths, metrics)` drawing
+    artifacts and figures from the EMA network and one validation batch (through `batches`).
+    """
+
+    kind: str
+    batches: Callable[..., Any]
+    batch_args: dict[str, Any] = field(default_factory=dict)
+    samples: Callable[..., tuple[list[Path], dict[str, float]]] | None = None
+    columns: list[str] | None = None  # the Ray Data columns the loop needs (tensors only)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """CPUs (and GPU) per worker. On a small machine whole-CPU workers starve Ray Data's read
+    tasks and the run deadlocks (STACK.md): leave one CPU for data, split the rest."""
+    if cfg.cpus_per_worker is not None:
+        cpus = cfg.cpus_per_worker
+    else:
+        total = float(cluster.get("CPU", 1))
+        cpus = max(0.25, min(4.0, (total - 1.0) / cfg.workers)) if total > 1 else 0.5 / cfg.workers
+    resources = {"CPU": cpus}
+    if cfg.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
+def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict[str, Any],
+        train_ds, val_ds) -> dict[str, float]:
+    """Train to `cfg.steps` (resuming if a checkpoint of this stage exists), export, return counts."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if spec.columns:
+        train_ds = train_ds.select_columns(spec.columns)
+        val_ds = val_ds.select_columns(spec.columns) if val_ds is not None else None
+    if cfg.cache_data:
+        train_ds = train_ds.materialize()
+        val_ds = val_ds.materialize() if val_ds is not None else None
+    datasets = {"train": train_ds}
+    if val_ds is not None:
+        datasets["validation"] = val_ds
+    resources = worker_resources(cfg, ray.cluster_resources())
+    active = mlflow.active_run()
+    loop_config = {
+        "kind": spec.kind,
+        "model_config": model_config,
+        "init_from": resolve_init_from(cfg.init_from, ctx.storage),
+        "train": cfg.model_dump(mode="json", include=set(TrainConfig.model_fields)),
+        "batches": spec.batches,
+        "batch_args": spec.batch_args,
+        "samples": spec.samples,
+        "seed": ctx.seed,
+        "threads": max(1, int(resources["CPU"])),
+        "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id if active else None},
+        "has_validation": val_ds is not None,
+        "show_progress": ctx.show_progress,
+        "stage": ctx.name,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(ctx.out_dir),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if val_ds is not None else None,
+                checkpoint_score_order="min",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker sees all of validation
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's error; surface its message, not Ray's stack
+        raise TrainingFailed(f"{ctx.name}: training failed: {_root_cause(e)}") from None
+    if result.checkpoint is None:
+        raise TrainingFailed(f"{ctx.name}: training ended without a checkpoint")
+    export(result, ctx.out_dir)
+    metrics = result.metrics or {}
+    return {
+        "steps": float(metrics.get("step", cfg.steps)),
+        "loss": float(metrics.get("loss", float("nan"))),
+        "val_loss": float(metrics.get("val_loss", float("nan"))),
+        "skipped_steps": float(metrics.get("skipped_steps", 0)),
+        "resumed_from_step": float(metrics.get("resumed_from_step", 0)),
+        "train_s": time.perf_counter() - started,
+    }
+
+
+def export(result, out_dir: Path) -> None:
+    """Copy the final checkpoint's EMA and raw weights, and the best (lowest validation loss)
+    EMA, to `<out_dir>/{ema,network,best}` in the models' own checkpoint format."""
+    best = result.checkpoint
+    scored = [(m.get("val_loss"), c) for c, m in (result.best_checkpoints or []) if m.get("val_loss") is not None]
+    scored = [(v, c) for v, c in scored if math.isfinite(v)]
+    if scored:
+        best = min(scored, key=lambda vc: vc[0])[1]
+    with result.checkpoint.as_directory() as final:
+        _replace_dir(Path(final) / "ema", out_dir / "ema")
+        _replace_dir(Path(final) / "network", out_dir / "network")
+    with best.as_directory() as chosen:
+        _replace_dir(Path(chosen) / "ema", out_dir / "best")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def resolve_init_from(source: str | None, storage: Path) -> str | None:
+    """A directory holding weights to start from; exits early (ValueError naming the key) when
+    there is none. A finished stage's directory means its exported EMA."""
+    if source is None:
+        return None
+    path = Path(source) if Path(source).is_absolute() else Path(storage) / source
+    if (path / "ema").is_dir():
+        path = path / "ema"
+    if not path.is_dir():
+        raise TrainingFailed(f"init_from: {source!r} does not exist (looked at {path}); give a checkpoint "
+                             "directory, a finished training stage's directory, or a diffusers directory")
+    return str(path)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The worker's own exception line(s) out of Ray's wrapped error text."""
+    while getattr(error, "__cause__", None) is not None:
+        error = error.__cause__
+    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Diverged)\b.*:", lines[i]):
+            return "\n".join(lines[i:i + 6])
+    return lines[-1] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import numpy as np
+    import ray.data
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    from models import objective as objectives
+    from models import sizes
+    from models.training_state import EMA, load_training_state, save_training_state, warmup_cosine
+
+    cfg = TrainConfig.model_validate(config["train"])
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop has its own bar
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"] + rank)
+    np.random.seed(config["seed"] + rank)
+    generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)
+
+    network = sizes.build_from_config(config["kind"], config["model_config"])
+    if config["init_from"]:
+        load_init_weights(network, config["init_from"])
+    network.to(device)
+    ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    step, counters = 0, {"skipped_steps": 0, "samples": 0, "resumed_from_step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            step, extra = load_training_state(d, network=network, ema=ema, optimizer=optimizer, lr_scheduler=schedule)
+        counters.update(extra.get("counters", {}))
+        counters["resumed_from_step"] = step
+        if rank == 0:
+            print(f"{config['stage']}: resuming from the checkpoint at step {step}", flush=True)
+        torch.manual_seed(config["seed"] + rank + 7919 * step)  # fresh draws after a resume, still seeded
+        generator.manual_seed(config["seed"] * 1000 + rank + 7919 * step)
+    model = prepare_model(network)  # DDP when world > 1; the objective calls its forward
+    objective = sizes.objective(config["kind"])
+    contract = sizes.batch_contract(config["kind"])
+    make_batch = config["batches"](device, **config["batch_args"])
+    autocast = _autocast(cfg.precision, device)
+    logger = _Logger(config, rank) if rank == 0 else None
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    checked, bad_in_a_row, last = False, 0, {}
+    window_start, window_samples = time.perf_counter(), 0
+    progress = _progress(cfg.steps, step, config) if rank == 0 else None
+    while step < cfg.steps:
+        micro = 0
+        batches_this_epoch = 0
+        for raw in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
+            batches_this_epoch += 1
+            batch = make_batch(raw)
+            if not checked:
+                objectives.check_batch(contract, batch, config["kind"])
+                checked = True
+            sync = micro + 1 == cfg.grad_accum
+            with (model.no_sync() if (world > 1 and not sync) else _nullcontext()):
+                with autocast:
+                    loss, metrics = objective(model, batch, generator)
+                (loss / cfg.grad_accum).backward()
+            micro += 1
+            window_samples += len(next(iter(batch.values()))) * world
+            if not sync:
+                continue
+            micro = 0
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip or float("inf"))
+            # The norm is taken after DDP's all-reduce, so every rank takes the same decision.
+            if torch.isfinite(norm):
+                optimizer.step()
+                if hasattr(network, "after_optimizer_step"):  # e.g. CLIP keeps its logit scale <= 100
+                    network.after_optimizer_step()
+                ema.update(network)
+                bad_in_a_row = 0
+            else:
+                counters["skipped_steps"] += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingFailed(
+                        f"{bad_in_a_row} consecutive steps had a NaN/inf loss or gradient (step {step}); "
+                        "lower train.lr, set grad_clip, or check the data for NaNs. The last good checkpoint is kept.")
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            counters["samples"] += cfg.batch_size * cfg.grad_accum * world
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    **{k: float(v) for k, v in metrics.items()},
+                    "lr": schedule.get_last_lr()[0],
+                    "grad_norm": float(norm),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "skipped_steps": counters["skipped_steps"],
+                }
+                window_start, window_samples = time.perf_counter(), 0
+                if logger:
+                    logger.metrics(last, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                report = {**last, "step": step, "skipped_steps": counters["skipped_steps"],
+                          "resumed_from_step": counters["resumed_from_step"]}
+                if val_shard is not None:
+                    report["val_loss"] = validation_loss(ema.module, objective, make_batch, val_shard, cfg, config["seed"], device, autocast)
+                ckpt = None
+                tmp = None
+                if rank == 0:
+                    tmp = tempfile.mkdtemp(prefix="unclip-ckpt-")
+                    save_training_state(tmp, network=network, ema=ema, optimizer=optimizer, lr_scheduler=schedule,
+                                        step=step, extra={"counters": counters})
+                    ckpt = Checkpoint.from_directory(tmp)
+                    if logger:
+                        logger.metrics({k: report[k] for k in ("val_loss",) if k in report}, step)
+                        draw_every = cfg.sample_every or cfg.checkpoint_every
+                        if config["samples"] and val_shard is not None and (step % draw_every == 0 or step == cfg.steps):
+                            logger.samples(config["samples"], ema.module, make_batch, val_shard, cfg, step)
+                ray.train.report(report, checkpoint=ckpt)
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            if step >= cfg.steps:
+                break
+        if batches_this_epoch == 0:
+            raise TrainingFailed(f"the training split has fewer rows than batch_size={cfg.batch_size} per worker "
+                                 f"({world} workers): lower batch_size or add data")
+    if progress is not None:
+        progress.close()
+
+
+@dataclass
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _autocast(precision: str, device):
+    import torch
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def validation_loss(network, objective, make_batch, val_shard, cfg: TrainConfig, seed: int, device, autocast) -> float:
+    """Mean objective of the (EMA) network over the first `val_batches` validation batches, with
+    fixed draws (same seed each time) so successive values are comparable."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed + 12345)
+    total, n = 0.0, 0
+    network.eval()
+    with torch.no_grad():
+        for i, raw in enumerate(val_shard.iter_torch_batches(batch_size=cfg.batch_size)):
+            if i >= cfg.val_batches:
+                break
+            with autocast:
+                loss, _ = objective(network, make_batch(raw), generator)
+            if torch.isfinite(loss):
+                total, n = total + float(loss), n + 1
+    network.train()
+    return total / n if n else float("nan")
+
+
+def load_init_weights(network, source: str) -> None:
+    """Weights for `network` from a models.checkpoint directory or a diffusers directory."""
+    from models import checkpoint
+
+    path = Path(source)
+    if (path / checkpoint.CONFIG_NAME).is_file() and (path / checkpoint.WEIGHTS_NAME).is_file():
+        try:
+            _, _ = checkpoint.read_config(path)
+        except checkpoint.CheckpointError:
+            pass  # a diffusers config.json: handled below
+        else:
+            loaded = checkpoint.load(path)
+            missing, unexpected = network.load_state_dict(loaded.state_dict(), strict=False)
+            if missing or unexpected:
+                raise TrainingFailed(f"init_from {source}: weights do not fit this model "
+                                     f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+            return
+    from_diffusers = getattr(type(network), "from_diffusers", None)
+    if from_diffusers is None:
+        raise TrainingFailed(f"init_from {source}: not a models.checkpoint directory, and "
+                             f"{type(network).__name__} cannot load diffusers weights")
+    loaded = from_diffusers(str(path))
+    network.load_state_dict(loaded.state_dict())
+
+
+class _Logger:
+    """Rank 0's MLflow logging into the stage's run (the driver's active child run)."""
+
+    def __init__(self, config: dict[str, Any], rank: int):
+        self.run_id = config["mlflow"]["run_id"]
+        self.client = None
+        if self.run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(config["mlflow"]["tracking_uri"])
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if not self.client or not values:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = [Metric(k, float(v), now, step) for k, v in values.items() if k != "step" and math.isfinite(float(v))]
+        if finite:
+            self.client.log_batch(self.run_id, metrics=finite)
+
+    def samples(self, draw, network, make_batch, val_shard, cfg: TrainConfig, step: int) -> None:
+        raw = next(iter(val_shard.iter_torch_batches(batch_size=cfg.batch_size)), None)
+        if raw is None or not self.client:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            network.eval()
+            paths, figures = draw(network, make_batch(raw), step, Path(d))
+            network.train()
+            for path in paths:
+                self.client.log_artifact(self.run_id, str(path), artifact_path="samples")
+        self.metrics(figures, step)
+
+
+def _progress(total: int, start: int, config: dict[str, Any]):
+    if not config["show_progress"]:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=config["stage"], unit="step")
+    bar.update(start)
+    return bar
