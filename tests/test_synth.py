@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.synth import HELDOUT_PAIRS, generate, score_image, score_matches
+from tasks.shapes import HELDOUT_PAIRS, score_image, score_matches
+from tasks.synth import generate
 
 
 def _to_demo_resolution(image: Image.Image, size: int = 64) -> Image.Image:
