@@ -143,35 +143,68 @@ def _hue(rgb: np.ndarray) -> np.ndarray:
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE_HUES = _hue(np.array(list(COLOURS.values()), dtype=np.float32))
+_SMOOTH_PX = 0.5  # Gaussian smoothing of the copy that finds regions: noise amplitude x0.64, thin arms kept
+_SPLIT_SHARE = 0.2  # share of a region's core in a second colour that makes it two shapes
+
+
+def estimate_background(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel median of the outermost ring of pixels: scenes never reach the border, so this
+    is the background colour, tint included."""
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
+def _alpha(difference: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """How much of each pixel a shape of `colour` (as a difference from the background) covers:
+    the projection onto that colour, so a blended edge gets its blend weight and noise across the
+    colour direction does not count."""
+    return np.clip(difference @ colour / max(float(colour @ colour), 1e-6), 0.0, 1.0)
 
 
 def score_image(image: Image.Image | np.ndarray, min_area: float = 0.004, min_chroma: float = 50.0) -> list[Detection]:
     """The coloured shapes in an image, largest first.
 
-    A pixel belongs to the palette colour with the nearest hue when it is clearly coloured
-    (chroma above `min_chroma`); components smaller than `min_area` of the image are noise.
+    Pixels are measured as differences from the background (estimated from the border), so a
+    colour cast over the whole image cancels. Regions are found on a lightly smoothed copy (noise
+    such as a half-trained decoder leaves would otherwise speckle them): a pixel is coloured when
+    its difference has chroma above `min_chroma`; connected coloured regions smaller than
+    `min_area` of the image are noise. Shapes are classified on the unsmoothed pixels.
+    A region takes the palette colour whose hue most of its core pixels are nearest to, so noisy
+    edge pixels whose hue drifted to a neighbouring colour stay part of their shape; a region
+    where a second colour holds a good share of the core is two touching shapes, split by colour.
     """
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     h, w, _ = rgb.shape
-    chroma = rgb.max(axis=2) - rgb.min(axis=2)
-    hue_distance = np.abs(_hue(rgb)[..., None] - _PALETTE_HUES)
-    hue_distance = np.minimum(hue_distance, 1.0 - hue_distance)
-    labels = hue_distance.argmin(axis=2)
-    coloured = chroma > min_chroma
+    difference = rgb - estimate_background(rgb)
+    smooth = ndimage.gaussian_filter(difference, (_SMOOTH_PX, _SMOOTH_PX, 0))
+    chroma = smooth.max(axis=2) - smooth.min(axis=2)
+    hue_distance = np.abs(_hue(smooth)[..., None] - _PALETTE_HUES)
+    labels = np.minimum(hue_distance, 1.0 - hue_distance).argmin(axis=2)
+    regions, count = ndimage.label(chroma > min_chroma)
+    min_pixels = min_area * h * w
     detections = []
-    for index, name in enumerate(_PALETTE_NAMES):
-        components, count = ndimage.label(coloured & (labels == index))
-        for component in range(1, count + 1):
-            mask = components == component
+    for region in range(1, count + 1):
+        pixels = regions == region
+        if pixels.sum() < min_pixels:
+            continue
+        core = pixels & (chroma >= 0.5 * np.percentile(chroma[pixels], 90))
+        votes = np.bincount(labels[core], minlength=len(_PALETTE_NAMES))
+        colours = np.flatnonzero(votes >= max(_SPLIT_SHARE * votes.sum(), min_pixels / 2))
+        if len(colours) <= 1:  # one shape: the whole region, in its majority colour
+            parts = [(int(votes.argmax()), pixels)]
+        else:
+            parts = []
+            for index in colours:
+                pieces, n = ndimage.label(pixels & (labels == index))
+                parts += [(int(index), pieces == piece) for piece in range(1, n + 1)]
+        for index, mask in parts:
             ys, xs = np.nonzero(mask)
-            if len(xs) < min_area * h * w:
+            if len(xs) < min_pixels:
                 continue
-            # Soft coverage: how much of each pixel the shape covers, judged by its chroma
-            # relative to the shape's core (anti-aliased edges and JPEG ringing get partial
-            # weight instead of fattening the shape).
-            region = ndimage.binary_dilation(mask) & (labels == index)
-            coverage = np.clip(chroma / np.percentile(chroma[mask], 90), 0.0, 1.0) * region
-            detections.append(Detection(name, classify_shape(coverage), xs.mean() / w, ys.mean() / h, len(xs) / (h * w)))
+            own_core = mask & core & (labels == index)
+            colour = difference[own_core if own_core.any() else mask].mean(axis=0)
+            coverage = _alpha(difference, colour) * ndimage.binary_dilation(mask)
+            detections.append(Detection(_PALETTE_NAMES[index], classify_shape(coverage), xs.mean() / w, ys.mean() / h, len(xs) / (h * w)))
     return sorted(detections, key=lambda d: -d.area)
 
 
@@ -201,8 +234,8 @@ def _templates(resolution: int) -> dict[tuple[str, str], np.ndarray]:
         for size in SIZES:
             image = render([ShapeObject("red", shape, size, 0.5, 0.5)], 128)
             image = np.asarray(image.resize((resolution, resolution), Image.Resampling.BICUBIC), dtype=np.float32)
-            chroma = image.max(axis=2) - image.min(axis=2)
-            templates[(shape, size)] = _normalised_coverage(np.clip(chroma / np.percentile(chroma[chroma > 50], 90), 0, 1))
+            colour = np.subtract(COLOURS["red"], BACKGROUND, dtype=np.float32)
+            templates[(shape, size)] = _normalised_coverage(_alpha(image - np.float32(BACKGROUND), colour))
     return templates
 
 
