@@ -12,12 +12,11 @@ training distribution, which worked best in the paper. The text condition (z_t, 
 the dot token, which depends on z_t) is replaced by learned null states `text_drop_prob` of the
 time (10% in the paper) so sampling can use classifier-free guidance on the logits.
 
-The PCA artifact comes in as plain tensors (`PcaBasis` here). The pca pipeline stage
-(tasks/pca.py, tasks/schema.py) writes its own `PcaBasis` with a different layout (edges stored
-[n_buckets + 1, kept], all components, `similarity_edges`); `as_pca_basis` converts it without
-importing tasks (imports go pipelines -> tasks -> models), and `ARPrior.from_basis` builds a model
-sized by it. `fit_pca_basis` is a small in-memory reference used by tests. The basis is stored in
-the model's buffers, so a checkpoint is self-contained.
+The PCA basis and its quantisation are `models.pca.PcaBasis` (fitted by `models.pca.fit_pca` or
+by the pca stage, loaded by `tasks.schema.load_pca`); `ARPrior.from_basis` builds a model sized by
+it. Its kept part lives in the model's buffers, so a checkpoint is self-contained. A basis without
+the z_i.z_t bucket edges builds a model that refuses to train or sample (the dot token would mean
+nothing), with an error that says how to get them.
 
 Sampling recomputes the whole sequence at each of the k steps (no key/value cache): fine for the
 sizes trained here; a cache is the first thing to add for paper-size (k=319) sampling.
@@ -33,79 +32,8 @@ from torch.nn import functional as F
 
 from models.checkpoint import migration, register
 from models.objective import Field, bernoulli, check_batch, detached, unwrap
+from models.pca import NO_DOT_EDGES, PcaBasis
 from models.prior import pad_caption
-
-
-@dataclass
-class PcaBasis:
-    """PCA of image embeddings plus quantile bucket edges for each kept dimension.
-
-    mean [D]; components [k, D] (rows orthonormal, decreasing eigenvalue); explained_variance [k];
-    bucket_edges [k, n_buckets + 1] (increasing per row; outermost edges = data range);
-    dot_edges [n_dot + 1] (optional) quantile edges of z_i.z_t; None: uniform over [-1, 1].
-    """
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    explained_variance: torch.Tensor
-    bucket_edges: torch.Tensor
-    dot_edges: torch.Tensor | None = None
-
-    def __post_init__(self):
-        k, d = self.components.shape
-        if self.mean.shape != (d,):
-            raise ValueError(f"PcaBasis.mean must be [{d}] like components' width, got {tuple(self.mean.shape)}")
-        if self.explained_variance.shape != (k,):
-            raise ValueError(f"PcaBasis.explained_variance must be [{k}], got {tuple(self.explained_variance.shape)}")
-        if self.bucket_edges.ndim != 2 or self.bucket_edges.shape[0] != k or self.bucket_edges.shape[1] < 2:
-            raise ValueError(f"PcaBasis.bucket_edges must be [{k}, n_buckets + 1], got {tuple(self.bucket_edges.shape)}")
-        if (self.bucket_edges.diff(dim=1) < 0).any():
-            raise ValueError("PcaBasis.bucket_edges must be non-decreasing along each row")
-        if self.dot_edges is not None and (self.dot_edges.ndim != 1 or (self.dot_edges.diff() < 0).any()):
-            raise ValueError("PcaBasis.dot_edges must be a non-decreasing 1-D tensor")
-
-    @property
-    def n_buckets(self) -> int:
-        return self.bucket_edges.shape[1] - 1
-
-
-def as_pca_basis(artifact) -> PcaBasis:
-    """Our PcaBasis from itself or from the pca stage's artifact (tasks.schema.PcaBasis: bucket_edges
-    [n_buckets + 1, kept], components for all dims, similarity_edges), duck-typed."""
-    if isinstance(artifact, PcaBasis):
-        return artifact
-    needed = ("mean", "components", "explained_variance", "bucket_edges", "similarity_edges")
-    missing = [name for name in needed if not hasattr(artifact, name)]
-    if missing:
-        raise TypeError(f"{type(artifact).__name__} is not a PCA artifact: it lacks {missing}")
-    edges = torch.as_tensor(artifact.bucket_edges, dtype=torch.float32).T.contiguous()  # -> [kept, B + 1]
-    kept = edges.shape[0]
-    f = lambda t: torch.as_tensor(t, dtype=torch.float32)  # noqa: E731
-    return PcaBasis(
-        f(artifact.mean), f(artifact.components)[:kept].contiguous(), f(artifact.explained_variance)[:kept].contiguous(),
-        edges, f(artifact.similarity_edges),
-    )
-
-
-def fit_pca_basis(image_emb: torch.Tensor, k: int, n_buckets: int, text_emb: torch.Tensor | None = None, n_dot_buckets: int = 20) -> PcaBasis:
-    """Reference fit on an in-memory [N, D] matrix: PCA by eigendecomposition of the covariance,
-    per-dimension quantile bucket edges, and (given text_emb) quantile edges of z_i.z_t."""
-    x = image_emb.double()
-    if x.ndim != 2 or not 1 <= k <= x.shape[1]:
-        raise ValueError(f"image_emb must be [N, D] with 1 <= k <= D; got shape {tuple(x.shape)}, k={k}")
-    mean = x.mean(0)
-    cov = (x - mean).T @ (x - mean) / max(x.shape[0] - 1, 1)
-    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
-    order = eigval.argsort(descending=True)[:k]
-    components = eigvec[:, order].T
-    coef = (x - mean) @ components.T
-    q = torch.linspace(0, 1, n_buckets + 1, dtype=torch.float64)
-    edges = torch.quantile(coef, q, dim=0).T.contiguous()
-    dot_edges = None
-    if text_emb is not None:
-        dot_edges = torch.quantile((x * text_emb.double()).sum(-1), torch.linspace(0, 1, n_dot_buckets + 1, dtype=torch.float64))
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    return PcaBasis(mean.float(), components.float(), eigval[order].float(), edges.float(), f(dot_edges))
 
 
 @dataclass
@@ -151,27 +79,31 @@ class ARPrior(nn.Module):
     config_class = ARPriorConfig
 
     @classmethod
-    def from_basis(cls, artifact, size: str = "tiny", **overrides) -> "ARPrior":
-        """A model of a named size whose PCA/bucket shapes come from the artifact."""
+    def from_basis(cls, basis: PcaBasis, size: str = "tiny", **overrides) -> "ARPrior":
+        """A model of a named size whose PCA/bucket shapes come from the basis."""
         from models.sizes import config_for  # sizes imports this module
 
-        basis = as_pca_basis(artifact)
-        shapes = dict(embed_dim=basis.mean.shape[0], kept_dims=basis.components.shape[0], num_buckets=basis.n_buckets)
+        if not isinstance(basis, PcaBasis):
+            raise TypeError(f"{type(basis).__name__} is not a models.pca.PcaBasis (load one with tasks.schema.load_pca)")
+        shapes = dict(embed_dim=basis.dim, kept_dims=basis.kept_dims, num_buckets=basis.num_buckets)
         if basis.dot_edges is not None:
-            shapes["similarity_buckets"] = basis.dot_edges.shape[0] - 1
+            shapes["similarity_buckets"] = basis.similarity_buckets
         return cls(config_for("ar_prior", size, **{**shapes, **overrides}), basis)
 
     def __init__(self, config: ARPriorConfig, basis: PcaBasis | None = None):
         super().__init__()
         self.config = c = config
-        # The PCA artifact lives in buffers (saved with the checkpoint); zeros until set.
+        # The kept PCA basis lives in buffers (saved with the checkpoint): zero edges until set.
+        # Dot edges stay zero until fitted ones are set (there is no sensible default).
         self.register_buffer("pca_mean", torch.zeros(c.embed_dim))
         self.register_buffer("pca_components", torch.zeros(c.kept_dims, c.embed_dim))
         self.register_buffer("pca_explained_variance", torch.zeros(c.kept_dims))
         self.register_buffer("bucket_edges", torch.zeros(c.kept_dims, c.num_buckets + 1))
-        self.register_buffer("dot_edges", torch.linspace(-1.0, 1.0, c.similarity_buckets + 1))
+        self.register_buffer("dot_edges", torch.zeros(c.similarity_buckets + 1))
+        self._basis_state: tuple[bool, bool] | None = None  # (has basis, has dot edges), read once
+        self.register_load_state_dict_post_hook(ARPrior._forget_basis_state)
         if basis is not None:
-            self.set_basis(as_pca_basis(basis))
+            self.set_basis(basis)
 
         self.text_emb_in = nn.Linear(c.embed_dim, c.width)
         self.text_states_in = nn.Linear(c.text_dim, c.width)
@@ -195,50 +127,60 @@ class ARPrior(nn.Module):
     @torch.no_grad()
     def set_basis(self, basis: PcaBasis) -> None:
         c = self.config
-        if basis.components.shape != (c.kept_dims, c.embed_dim) or basis.n_buckets != c.num_buckets:
-            raise ValueError(
-                f"PcaBasis has components {tuple(basis.components.shape)} and {basis.n_buckets} buckets; "
-                f"this AR prior wants ({c.kept_dims}, {c.embed_dim}) and {c.num_buckets}"
-            )
-        if basis.dot_edges is not None and basis.dot_edges.shape != (c.similarity_buckets + 1,):
-            raise ValueError(f"PcaBasis.dot_edges must be [{c.similarity_buckets + 1}], got {tuple(basis.dot_edges.shape)}")
-        self.pca_mean.copy_(basis.mean)
-        self.pca_components.copy_(basis.components)
-        self.pca_explained_variance.copy_(basis.explained_variance)
-        self.bucket_edges.copy_(basis.bucket_edges)
-        if basis.dot_edges is not None:
-            self.dot_edges.copy_(basis.dot_edges)
+        if not isinstance(basis, PcaBasis):
+            raise TypeError(f"{type(basis).__name__} is not a models.pca.PcaBasis (load one with tasks.schema.load_pca)")
+        basis.validate()
+        if basis.bucket_edges is None or (basis.dim, basis.kept_dims, basis.num_buckets) != (c.embed_dim, c.kept_dims, c.num_buckets):
+            got = "no bucket edges" if basis.bucket_edges is None else f"dim {basis.dim}, {basis.kept_dims} kept dims, {basis.num_buckets} buckets"
+            raise ValueError(f"PcaBasis has {got}; this AR prior wants dim {c.embed_dim}, {c.kept_dims} kept dims, {c.num_buckets} buckets")
+        if basis.dot_edges is not None and basis.similarity_buckets != c.similarity_buckets:
+            raise ValueError(f"PcaBasis has {basis.similarity_buckets} similarity buckets; this AR prior wants {c.similarity_buckets}")
+        kept = basis.kept()
+        self.pca_mean.copy_(kept.mean)
+        self.pca_components.copy_(kept.components)
+        self.pca_explained_variance.copy_(kept.explained_variance)
+        self.bucket_edges.copy_(kept.bucket_edges)
+        if kept.dot_edges is None:
+            self.dot_edges.zero_()
+        else:
+            self.dot_edges.copy_(kept.dot_edges)
+        self._basis_state = None
+
+    @staticmethod
+    def _forget_basis_state(module: "ARPrior", incompatible_keys) -> None:
+        module._basis_state = None
+
+    def _require_basis(self, dot_edges: bool = False) -> None:
+        """Clear errors for a model without a basis or without dot edges; one device read per
+        load, not per step."""
+        if self._basis_state is None:
+            self._basis_state = (bool(self.bucket_edges.any()), bool(self.dot_edges.any()))
+        if not self._basis_state[0]:
+            raise RuntimeError("this ARPrior has no PCA basis: pass basis= to the constructor, call set_basis(), or load a checkpoint")
+        if dot_edges and not self._basis_state[1]:
+            raise RuntimeError(f"ARPrior: {NO_DOT_EDGES}; then pass it to ARPrior.from_basis or set_basis")
 
     @property
     def basis(self) -> PcaBasis:
-        return PcaBasis(self.pca_mean, self.pca_components, self.pca_explained_variance, self.bucket_edges, self.dot_edges)
-
-    def _check_basis(self) -> None:
-        if not torch.any(self.bucket_edges != 0):
-            raise RuntimeError("this ARPrior has no PCA basis: pass basis= to the constructor, call set_basis(), or load a checkpoint")
+        """The kept PCA basis (views of the buffers); dot_edges None until fitted ones are set."""
+        self._require_basis()
+        dot_edges = self.dot_edges if self._basis_state[1] else None
+        return PcaBasis(self.pca_mean, self.pca_components, self.pca_explained_variance, self.bucket_edges, dot_edges)
 
     def tokenize(self, image_emb: torch.Tensor) -> torch.Tensor:
         """z_i [B, D] -> bucket tokens [B, k] of the first k PCA coefficients."""
-        self._check_basis()
         if image_emb.ndim != 2 or image_emb.shape[1] != self.config.embed_dim:
             raise ValueError(f"image_emb must be [batch, {self.config.embed_dim}], got {tuple(image_emb.shape)}")
-        coef = (image_emb - self.pca_mean) @ self.pca_components.T
-        inner = self.bucket_edges[:, 1:-1].contiguous()  # out-of-range values go to the end buckets
-        return torch.searchsorted(inner, coef.T.contiguous(), right=True).T
-
-    def bucket_centres(self) -> torch.Tensor:
-        return (self.bucket_edges[:, :-1] + self.bucket_edges[:, 1:]) / 2
+        return self.basis.quantize(image_emb)
 
     def detokenize(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Tokens [B, k] -> bucket centres -> inverse PCA -> z_i [B, D] (L2-normalised by default)."""
-        self._check_basis()
-        coef = self.bucket_centres().gather(1, tokens.T).T
-        z = coef @ self.pca_components + self.pca_mean
-        return F.normalize(z, dim=-1) if normalize else z
+        return self.basis.dequantize(tokens, normalize=normalize)
 
     def dot_tokens(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        dot = (image_emb * text_emb).sum(-1)
-        return torch.bucketize(dot, self.dot_edges[1:-1].contiguous(), right=True)
+        """The conditioning token: z_i.z_t in the fitted quantile buckets."""
+        self._require_basis(dot_edges=True)
+        return self.basis.quantize_dot((image_emb * text_emb).sum(-1))
 
     # ----- network -----
     def prepare_text(self, text_states, text_mask):
@@ -283,6 +225,7 @@ class ARPrior(nn.Module):
     def default_dot_buckets(self, batch: int, generator=None, device=None) -> torch.Tensor:
         """Uniform over the top half of the dot buckets: with quantile edges, the top half of the
         z_i.z_t distribution (the paper's best setting)."""
+        self._require_basis(dot_edges=True)
         n = self.config.similarity_buckets
         gen_device = generator.device if generator is not None else "cpu"
         return torch.randint(n // 2, n, (batch,), generator=generator, device=gen_device).to(device or gen_device)
@@ -301,8 +244,9 @@ class ARPrior(nn.Module):
         return_tokens: bool = False,
     ):
         """Draw z_i [B, D] token by token. dot_bucket: int or [B] tensor in [0, similarity_buckets);
-        None draws it from the top half. temperature 0 is greedy."""
-        self._check_basis()
+        None draws it from the top half. temperature 0 is greedy. Needs the fitted dot edges: a
+        bucket means a range of z_i.z_t only through them."""
+        self._require_basis(dot_edges=True)
         b, device, n_dot = text_emb.shape[0], text_emb.device, self.config.similarity_buckets
         if dot_bucket is None:
             dot = self.default_dot_buckets(b, generator, device)

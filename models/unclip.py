@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import diffusion
 from .decoder import Decoder
+from .pca import PcaBasis
 from .upsampler import Upsampler, downsample_to
 
 
@@ -112,17 +113,12 @@ def text_diff(image_emb: torch.Tensor, text_emb: torch.Tensor, base_text_emb: to
     return slerp(image_emb, z_d, theta)
 
 
-def pca_reconstruct(image_emb: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, k: int,
-                    normalize: bool = True) -> torch.Tensor:
-    """z_i rebuilt from its first k PCA coordinates (components: (K, D) orthonormal rows ordered
-    by decreasing eigenvalue). normalize: back to the unit sphere the decoder was trained on."""
-    if not 0 <= k <= components.shape[0]:
-        raise ValueError(f"k={k} must be in [0, {components.shape[0]}] (number of PCA components)")
-    if components.shape[1] != image_emb.shape[-1] or mean.shape[-1] != image_emb.shape[-1]:
-        raise ValueError(f"PCA basis of dim {components.shape[1]}/{mean.shape[-1]} does not match image_emb dim {image_emb.shape[-1]}")
-    C = components[:k].to(image_emb)
-    z = mean.to(image_emb) + (image_emb - mean.to(image_emb)) @ C.T @ C
-    return F.normalize(z, dim=-1) if normalize else z
+def pca_reconstruct(image_emb: torch.Tensor, basis: PcaBasis, k: int, normalize: bool = True) -> torch.Tensor:
+    """z_i rebuilt from its first k PCA coordinates of `basis` (e.g. the pca stage's, loaded with
+    tasks.schema.load_pca). normalize: back to the unit sphere the decoder was trained on."""
+    if not 0 <= k <= basis.components.shape[0]:
+        raise ValueError(f"k={k} must be in [0, {basis.components.shape[0]}] (number of PCA components)")
+    return basis.reconstruct(basis.project(image_emb, k), normalize=normalize).to(image_emb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +247,11 @@ class UnCLIP:
         stage = Stage(steps=steps, sampler="ddim", eta=0.0, guidance_scale=guidance_scale, clip_sample=None)
         return self.decode(z, decoder=stage, x_T=x_T.expand(n, *x_T.shape[1:]).contiguous(), generator=generator, **kwargs)
 
-    def pca_probe(self, image_emb: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, ks: Sequence[int], *,
+    def pca_probe(self, image_emb: torch.Tensor, basis: PcaBasis, ks: Sequence[int], *,
                   seed: int = 0, steps: int = 50, guidance_scale: float = 1.0, **kwargs) -> torch.Tensor:
         """Section 4: one image's z_i rebuilt from its first k PCA dims for each k, decoded with
         the same DDIM seed (x_T and any stage noise), (len(ks), ...)."""
-        z = torch.cat([pca_reconstruct(image_emb.reshape(1, -1), mean, components, k) for k in ks])
+        z = torch.cat([pca_reconstruct(image_emb.reshape(1, -1), basis, k) for k in ks])
         gen = torch.Generator().manual_seed(seed)
         noise = self._noise(1, gen).expand(len(ks), -1, -1, -1).contiguous()
         stage = Stage(steps=steps, sampler="ddim", eta=0.0, guidance_scale=guidance_scale)

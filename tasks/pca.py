@@ -1,10 +1,11 @@
 """PCA stage: a basis for CLIP image embeddings and the AR prior's per-dimension buckets.
 
-Reads the embedding table (one pass; a uniform sample of `sample_size` rows if set), fits
-sklearn's PCA (components ordered by decreasing eigenvalue), and writes `pca.safetensors` +
-`pca.json` (see tasks.schema for the artifact contract). The AR prior of the paper keeps 319 of
-1024 dims and quantises each kept dim into 1024 buckets: here the bucket edges are per-dim
-quantiles of the training coordinates, so every bucket holds about the same number of samples.
+Reads the embedding table (one pass; a uniform sample of `sample_size` rows if set), fits the one
+PCA basis (`models.pca.fit_pca`: components by decreasing eigenvalue, per-dim quantile bucket
+edges, and quantile edges of z_i.z_t from the table's `similarity` column), and writes
+`pca.safetensors` + `pca.json` (see tasks.schema for the artifact contract). The AR prior of the
+paper keeps 319 of 1024 dims and quantises each kept dim into 1024 buckets; `ARPrior.from_basis`
+takes the loaded artifact as it is.
 
 MLflow (the stage's active run): explained-variance curve (PNG), dims for 90/99/99.9% of the
 variance, reconstruction cosine at the kept dims, and the artifact's JSON.
@@ -22,10 +23,11 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from models.pca import PcaBasis, fit_pca
 from tasks.context import StageContext
-from tasks.schema import PCA_META, PcaBasis, list_embedding_files, load_pca, save_pca, to_matrix
+from tasks.schema import PCA_META, list_embedding_files, read_pca_meta, save_pca, to_matrix
 
-__all__ = ["PcaConfig", "run", "fit_pca", "load_pca", "PcaBasis", "dims_for_variance"]
+__all__ = ["PcaConfig", "run", "fit_basis", "dims_for_variance"]
 
 PAPER_KEPT_DIMS = 319
 VARIANCE_LEVELS = (0.90, 0.99, 0.999)
@@ -43,8 +45,6 @@ class PcaConfig(BaseModel):
         None, ge=2, description="fit on a uniform sample of this many rows (None: all rows)")
     exclude_splits: list[str] = Field(
         default_factory=lambda: ["heldout"], description="rows whose `split` is listed are not used for the fit")
-    svd_solver: str = Field("auto", pattern="^(auto|full|covariance_eigh|randomized)$",
-                            description="sklearn PCA svd_solver")
 
 
 def dims_for_variance(explained_variance_ratio: np.ndarray, level: float) -> int:
@@ -73,42 +73,28 @@ def _load_image_embeddings(files, cfg: PcaConfig, seed: int, show_progress: bool
     return np.concatenate(embs), np.concatenate(sims), available
 
 
-def fit_pca(z: np.ndarray, similarity: np.ndarray | None = None, kept_dims: int | None = None,
-            num_buckets: int = 1024, similarity_buckets: int = 64, svd_solver: str = "auto",
-            seed: int = 0) -> PcaBasis:
-    """Fit the basis on (n, d) embeddings; bucket edges are quantiles of the kept coordinates."""
-    z = np.asarray(z, dtype=np.float64)
-    n, d = z.shape
-    if n < 2:
-        raise ValueError(f"PCA needs at least 2 embeddings, got {n}")
-    n_components = min(n, d)
-    kept = min(PAPER_KEPT_DIMS, d) if kept_dims is None else kept_dims
-    if kept > n_components:
-        raise ValueError(f"pca.kept_dims={kept} exceeds the number of components available "
-                         f"(min(rows={n}, embed dim={d}) = {n_components}); lower pca.kept_dims")
-    from sklearn.decomposition import PCA  # seconds to import: only when fitting
+def fit_basis(z: np.ndarray, similarity: np.ndarray | None, cfg: PcaConfig) -> tuple[PcaBasis, dict]:
+    """models.pca.fit_pca with the stage's settings, and the numbers pca.json and MLflow record."""
+    import torch
 
-    pca = PCA(n_components=n_components, svd_solver=svd_solver, random_state=seed).fit(z)
-    coords = pca.transform(z)[:, :kept]
-    edges = np.quantile(coords, np.linspace(0.0, 1.0, num_buckets + 1), axis=0)  # (B + 1, kept), monotone
-    edges = np.maximum.accumulate(edges, axis=0)  # guard against float round-off in the interpolation
-    sim = np.asarray(similarity if similarity is not None else np.zeros(n), dtype=np.float64)
-    sim_edges = np.maximum.accumulate(np.quantile(sim, np.linspace(0.0, 1.0, similarity_buckets + 1)))
-    ratio = pca.explained_variance_ratio_
-    recon = coords @ pca.components_[:kept] + pca.mean_
-    cos = np.sum(recon * z, axis=1) / (np.linalg.norm(recon, axis=1) * np.linalg.norm(z, axis=1) + 1e-12)
+    n, d = z.shape
+    kept = min(PAPER_KEPT_DIMS, d) if cfg.kept_dims is None else cfg.kept_dims
+    if kept > min(n, d):
+        raise ValueError(f"pca.kept_dims={kept} exceeds the number of components available "
+                         f"(min(rows={n}, embed dim={d}) = {min(n, d)}); lower pca.kept_dims")
+    z = torch.as_tensor(np.asarray(z, dtype=np.float32))
+    similarity = None if similarity is None else torch.as_tensor(np.asarray(similarity, dtype=np.float32))
+    basis = fit_pca(z, kept, cfg.num_buckets, similarity=similarity, similarity_buckets=cfg.similarity_buckets)
+    ratio = basis.explained_variance_ratio.double().numpy()
+    cos = torch.nn.functional.cosine_similarity(basis.reconstruct(basis.project(z)), z, dim=-1, eps=1e-12)
     meta = {
-        "embed_dim": d, "kept_dims": kept, "num_buckets": num_buckets, "similarity_buckets": similarity_buckets,
-        "n_fit": n, "n_components": n_components,
+        "embed_dim": d, "kept_dims": kept, "num_buckets": cfg.num_buckets, "similarity_buckets": cfg.similarity_buckets,
+        "n_fit": n, "n_components": basis.components.shape[0],
         **{f"dims_for_{lvl * 100:g}pct_variance": dims_for_variance(ratio, lvl) for lvl in VARIANCE_LEVELS},
         "variance_kept": float(ratio[:kept].sum()),
         "reconstruction_cosine_kept": float(cos.mean()),
     }
-    import torch
-
-    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    return PcaBasis(f32(pca.mean_), f32(pca.components_), f32(pca.explained_variance_), f32(ratio),
-                    f32(edges), f32(sim_edges), meta)
+    return basis, meta
 
 
 def _variance_plot(basis: PcaBasis):
@@ -141,11 +127,10 @@ def run(cfg: PcaConfig, ctx: StageContext) -> dict[str, float]:
         raise FileNotFoundError(f"no embedding files in {ctx.input('embed')} (run the embed stage first)")
     z, sim, available = _load_image_embeddings(files, cfg, ctx.seed, ctx.show_progress)
     t_read = time.perf_counter() - t0
-    basis = fit_pca(z, sim, cfg.kept_dims, cfg.num_buckets, cfg.similarity_buckets, cfg.svd_solver, ctx.seed)
-    basis.meta.update({"source_files": len(files), "rows_available": available, "exclude_splits": cfg.exclude_splits})
-    save_pca(basis, ctx.out_dir)
+    basis, meta = fit_basis(z, sim, cfg)
+    meta.update({"source_files": len(files), "rows_available": available, "exclude_splits": cfg.exclude_splits})
+    save_pca(basis, ctx.out_dir, meta)
     t_total = time.perf_counter() - t0
-    meta = basis.meta
     counts = {
         "rows_fit": float(meta["n_fit"]),
         "rows_available": float(available),
@@ -170,5 +155,4 @@ def run(cfg: PcaConfig, ctx: StageContext) -> dict[str, float]:
 
 
 def summary(directory) -> str:
-    basis = load_pca(directory)
-    return json.dumps(basis.meta, indent=2)
+    return json.dumps(read_pca_meta(directory), indent=2)

@@ -23,9 +23,10 @@ Embedding table (embed output)
     model fingerprint that produced it.
 
 PCA artifact (pca output)
-    `pca.safetensors` (mean, components, explained_variance, explained_variance_ratio,
-    bucket_edges, similarity_edges) + `pca.json` (dims, counts, quality numbers). `PcaBasis` loads
-    it and quantises embeddings into AR-prior tokens and back.
+    `pca.safetensors` (mean, components, explained_variance, bucket_edges [kept_dims,
+    num_buckets + 1], dot_edges) + `pca.json` (format version, total variance, dims, counts,
+    quality numbers). `load_pca` returns a `models.pca.PcaBasis`, which quantises embeddings into
+    AR-prior tokens and back; this module only saves and loads it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ import re
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # torch and models load only when a PCA artifact is read or written
+    import torch
+
+    from models.pca import PcaBasis
 
 SCHEMA_VERSION = 1
 
@@ -274,119 +279,69 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> int:
 # --- PCA artifact ----------------------------------------------------------------------------
 PCA_WEIGHTS = "pca.safetensors"
 PCA_META = "pca.json"
+# 2: bucket_edges [kept_dims, num_buckets + 1] (one row per kept dim, models.pca's layout), dot_edges.
+# 1 (no `pca_format` key): bucket_edges [num_buckets + 1, kept_dims], similarity_edges,
+#   explained_variance_ratio; converted on load.
+PCA_FORMAT = 2
 
 
-@dataclass
-class PcaBasis:
-    """PCA of CLIP image embeddings, components by decreasing eigenvalue, plus AR-prior buckets.
-
-    mean (d,), components (m, d) orthonormal rows, explained_variance (m,), bucket_edges
-    (num_buckets + 1, kept_dims): per kept dim the quantile edges (outer edges = min and max seen).
-    """
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    explained_variance: torch.Tensor
-    explained_variance_ratio: torch.Tensor
-    bucket_edges: torch.Tensor
-    similarity_edges: torch.Tensor
-    meta: dict[str, Any]
-
-    @property
-    def kept_dims(self) -> int:
-        return int(self.bucket_edges.shape[1])
-
-    @property
-    def num_buckets(self) -> int:
-        return int(self.bucket_edges.shape[0] - 1)
-
-    @property
-    def bucket_centers(self) -> torch.Tensor:
-        """(num_buckets, kept_dims): the value `dequantize` maps a token to."""
-        return 0.5 * (self.bucket_edges[1:] + self.bucket_edges[:-1])
-
-    @property
-    def bucket_widths(self) -> torch.Tensor:
-        return self.bucket_edges[1:] - self.bucket_edges[:-1]
-
-    def project(self, z: torch.Tensor, dims: int | None = None) -> torch.Tensor:
-        """(n, d) embeddings → (n, dims) PCA coordinates (dims defaults to kept_dims)."""
-        import torch
-
-        dims = self.kept_dims if dims is None else dims
-        z = torch.as_tensor(z, dtype=torch.float32)
-        return (z - self.mean) @ self.components[:dims].T
-
-    def reconstruct(self, coords: torch.Tensor) -> torch.Tensor:
-        """(n, k) PCA coordinates → (n, d) embeddings (not re-normalised)."""
-        import torch
-
-        coords = torch.as_tensor(coords, dtype=torch.float32)
-        return coords @ self.components[: coords.shape[-1]] + self.mean
-
-    def quantize_coords(self, coords: torch.Tensor) -> torch.Tensor:
-        """(n, kept_dims) coordinates → (n, kept_dims) int64 bucket tokens in [0, num_buckets)."""
-        import torch
-
-        coords = torch.as_tensor(coords, dtype=torch.float32)
-        inner = self.bucket_edges[1:-1].T.contiguous()  # (kept, num_buckets - 1)
-        tokens = torch.searchsorted(inner, coords.T.contiguous(), right=True).T
-        return tokens.clamp_(0, self.num_buckets - 1)
-
-    def dequantize_coords(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(n, kept_dims) tokens → (n, kept_dims) bucket centres."""
-        import torch
-
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        return torch.gather(self.bucket_centers, 0, tokens.clamp(0, self.num_buckets - 1))
-
-    def quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """(n, d) image embeddings → (n, kept_dims) AR-prior tokens."""
-        return self.quantize_coords(self.project(z))
-
-    def dequantize(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(n, kept_dims) tokens → (n, d) embeddings (unit norm by default, like CLIP's)."""
-        import torch
-
-        z = self.reconstruct(self.dequantize_coords(tokens))
-        return torch.nn.functional.normalize(z, dim=-1) if normalize else z
-
-    def quantize_similarity(self, similarity: torch.Tensor) -> torch.Tensor:
-        """z_i·z_t → token in [0, len(similarity_edges) - 1) (quantiles of the training pairs)."""
-        import torch
-
-        s = torch.as_tensor(similarity, dtype=torch.float32)
-        n = self.similarity_edges.numel() - 1
-        return torch.searchsorted(self.similarity_edges[1:-1].contiguous(), s.contiguous(), right=True).clamp_(0, n - 1)
-
-
-def save_pca(basis: PcaBasis, directory: str | os.PathLike) -> Path:
-    import torch
-
+def save_pca(basis: PcaBasis, directory: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write `basis` (a models.pca.PcaBasis) as pca.safetensors + pca.json (`meta`: the pca
+    stage's counts and quality numbers, kept beside the format fields)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(basis, name).detach().float().contiguous().cpu() for name in
-               ("mean", "components", "explained_variance", "explained_variance_ratio", "bucket_edges",
-                "similarity_edges")}
+    names = ["mean", "components", "explained_variance", "bucket_edges", "dot_edges"]
+    tensors = {n: getattr(basis, n).detach().float().contiguous().cpu() for n in names if getattr(basis, n) is not None}
     atomic_write(directory / PCA_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    meta = {"schema_version": SCHEMA_VERSION, **basis.meta}
+    meta = {**(meta or {}), "schema_version": SCHEMA_VERSION, "pca_format": PCA_FORMAT,
+            "total_variance": basis.total_variance}
     atomic_write(directory / PCA_META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
 
 
-def load_pca(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PcaBasis:
-    import torch
+def read_pca_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """pca.json of a PCA artifact: the format fields and the pca stage's counts and quality numbers."""
+    path = Path(directory) / PCA_META
+    if not path.is_file():
+        raise FileNotFoundError(f"no PCA artifact in {directory} ({PCA_META} is missing; run the pca stage first)")
+    return json.loads(path.read_text())
 
+
+def load_pca(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PcaBasis:
+    """The models.pca.PcaBasis saved in `directory`, from this format or the first one."""
     from safetensors.torch import load_file
 
+    from models.pca import PcaBasis
+
     directory = Path(directory)
-    weights, meta_path = directory / PCA_WEIGHTS, directory / PCA_META
-    if not weights.is_file() or not meta_path.is_file():
+    weights = directory / PCA_WEIGHTS
+    if not weights.is_file() or not (directory / PCA_META).is_file():
         raise FileNotFoundError(f"no PCA artifact in {directory} (expected {PCA_WEIGHTS} and {PCA_META}; "
                                 "run the pca stage first)")
+    meta = read_pca_meta(directory)
+    version = meta.get("pca_format", 1)
     t = load_file(str(weights), device=str(device))
-    meta = json.loads(meta_path.read_text())
-    return PcaBasis(t["mean"], t["components"], t["explained_variance"], t["explained_variance_ratio"],
-                    t["bucket_edges"], t["similarity_edges"], meta)
+    needed = {1: ("mean", "components", "explained_variance", "explained_variance_ratio", "bucket_edges",
+                  "similarity_edges"),
+              2: ("mean", "components", "explained_variance", "bucket_edges")}.get(version)
+    if needed is None:
+        raise ValueError(f"{directory / PCA_META}: pca_format {version} is newer than this code reads "
+                         f"(up to {PCA_FORMAT}); update unclip-pipeline or re-run the pca stage")
+    missing = [name for name in needed if name not in t]
+    if missing:
+        raise ValueError(f"{weights} lacks {missing} (pca_format {version}); re-run the pca stage")
+    if version == 1:  # edges were [num_buckets + 1, kept_dims]; the ratio gives the total variance
+        ratio = float(t["explained_variance_ratio"].double().sum())
+        total = float(t["explained_variance"].double().sum()) / ratio if ratio > 0 else None
+        dot_edges = t["similarity_edges"] if t["similarity_edges"].any() else None  # zeros: fitted without z_i.z_t
+        basis = PcaBasis(t["mean"], t["components"], t["explained_variance"], t["bucket_edges"].T.contiguous(),
+                         dot_edges, total)
+    else:
+        basis = PcaBasis(t["mean"], t["components"], t["explained_variance"], t["bucket_edges"], t.get("dot_edges"),
+                         meta.get("total_variance"))
+    try:
+        return basis.validate()
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}; re-run the pca stage") from None

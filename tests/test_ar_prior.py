@@ -12,8 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from models import checkpoint
-from models.ar_prior import SIZES, ARPrior, ARPriorConfig, PcaBasis, fit_pca_basis, training_loss
+from models.ar_prior import SIZES, ARPrior, ARPriorConfig, training_loss
 from models.objective import BatchError
+from models.pca import fit_pca
 from models.sizes import config_for
 
 TINY = SIZES["tiny"]
@@ -33,24 +34,10 @@ def _model(config: ARPriorConfig = TINY, n: int = 2048, seed: int = 0) -> tuple[
     torch.manual_seed(seed)
     z_i = _embeddings(n, config.embed_dim, seed)
     z_t = F.normalize(z_i + 0.5 * _embeddings(n, config.embed_dim, seed + 1), dim=-1)
-    basis = fit_pca_basis(z_i, config.kept_dims, config.num_buckets, z_t, config.similarity_buckets)
+    basis = fit_pca(z_i, config.kept_dims, config.num_buckets, (z_i * z_t).sum(-1), config.similarity_buckets)
     g = torch.Generator().manual_seed(seed)
     data = {"image_emb": z_i, "text_emb": z_t, "text_states": torch.randn(n, config.text_len, config.text_dim, generator=g)}
     return ARPrior(config, basis), data
-
-
-def test_pca_basis_against_svd():
-    z = _embeddings(500, 12)
-    basis = fit_pca_basis(z, 5, 16)
-    _, s, vh = torch.linalg.svd((z - z.mean(0)).double(), full_matrices=False)  # independent route
-    torch.testing.assert_close(basis.explained_variance.double(), s[:5] ** 2 / 499, rtol=1e-4, atol=1e-7)
-    overlap = (basis.components.double() @ vh[:5].T).abs()  # same directions up to sign
-    torch.testing.assert_close(overlap, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-4)
-    assert (basis.explained_variance.diff() <= 0).all()
-    with pytest.raises(ValueError, match="bucket_edges"):
-        PcaBasis(basis.mean, basis.components, basis.explained_variance, basis.bucket_edges[:3])
-    with pytest.raises(ValueError, match="non-decreasing"):
-        PcaBasis(basis.mean, basis.components, basis.explained_variance, basis.bucket_edges.flip(1))
 
 
 def test_tokenize_detokenize_within_half_bucket():
@@ -60,7 +47,7 @@ def test_tokenize_detokenize_within_half_bucket():
     c = TINY
     assert tokens.shape == (len(z), c.kept_dims) and tokens.min() >= 0 and tokens.max() < c.num_buckets
     coef = (z - model.pca_mean) @ model.pca_components.T
-    centres = model.bucket_centres().gather(1, tokens.T).T
+    centres = model.basis.bucket_centres.gather(1, tokens.T).T
     lo = model.bucket_edges.gather(1, tokens.T).T
     hi = model.bucket_edges.gather(1, tokens.T + 1).T
     assert ((coef >= lo - 1e-6) & (coef <= hi + 1e-6)).all()  # each value lies in its bucket
@@ -75,7 +62,7 @@ def test_tokenize_detokenize_within_half_bucket():
     assert far[0, 0] == c.num_buckets - 1
     # with all dims kept and fine buckets the round trip is close to the identity
     full = config_for("ar_prior", "tiny", kept_dims=32, num_buckets=256)
-    m = ARPrior(full, fit_pca_basis(z, 32, 256))
+    m = ARPrior(full, fit_pca(z, 32, 256))
     assert F.cosine_similarity(m.detokenize(m.tokenize(z)), z).min() > 0.99
 
 
@@ -106,7 +93,7 @@ def test_shapes_errors_and_causality():
     with pytest.raises(ValueError, match="text_states"):
         model(tokens[:, :-1], dot, data["text_emb"][:b], torch.randn(b, c.text_len + 1, c.text_dim))
     with pytest.raises(ValueError, match="PcaBasis"):
-        ARPrior(TINY, fit_pca_basis(data["image_emb"], 4, TINY.num_buckets))
+        ARPrior(TINY, fit_pca(data["image_emb"], 4, TINY.num_buckets))
     with pytest.raises(RuntimeError, match="no PCA basis"):
         ARPrior(TINY).tokenize(data["image_emb"])
     with pytest.raises(BatchError, match="text_states"):
@@ -177,7 +164,7 @@ def test_trains_and_respects_dot_bucket():
     u = F.normalize(u - (u * z_t).sum(-1, keepdim=True) * z_t, dim=-1)
     z_i = a[:, None] * z_t + (1 - a[:, None] ** 2).sqrt() * u
     data = {"image_emb": z_i, "text_emb": z_t, "text_states": torch.stack([z_t, -z_t], 1)}
-    model = ARPrior(c, fit_pca_basis(z_i, 8, 16, z_t, 4))
+    model = ARPrior(c, fit_pca(z_i, 8, 16, (z_i * z_t).sum(-1), 4))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(250):
@@ -238,18 +225,62 @@ def test_format_1_config_migrates(tmp_path):
     assert torch.equal(loaded.bucket_edges, model.bucket_edges)
 
 
-def test_accepts_the_pca_stage_artifact():
-    """tasks.pca writes edges as [n_buckets + 1, kept] with all components; the model converts."""
-    from tasks.pca import fit_pca
+def test_loads_the_pca_stage_artifact(tmp_path):
+    """The pca stage's artifact, as written to disk and loaded by tasks.schema, sizes and feeds the
+    model; its tokens are numpy's searchsorted on the stage's edges."""
+    import numpy as np
 
-    z = _embeddings(600, 32)
-    z_t = F.normalize(z + 0.5 * _embeddings(600, 32, 1), dim=-1)
-    artifact = fit_pca(z.numpy(), (z * z_t).sum(-1).numpy(), kept_dims=12, num_buckets=32, similarity_buckets=8)
+    from tasks.context import StageContext
+    from tasks.pca import PcaConfig, run
+    from tasks.schema import embedding_file, embedding_schema, embedding_table, load_pca, write_embeddings
+
+    n, d = 600, 32
+    z = _embeddings(n, d)
+    z_t = F.normalize(z + 0.5 * _embeddings(n, d, 1), dim=-1)
+    (tmp_path / "embed").mkdir()
+    columns = {"key": [f"{i:05d}" for i in range(n)], "caption": ["x"] * n, "shard": ["00000"] * n, "split": ["train"] * n,
+               "image_emb": z.numpy(), "text_emb": z_t.numpy(), "text_tokens": np.zeros((n, 4), np.int32),
+               "similarity": (z * z_t).sum(-1).numpy()}
+    write_embeddings(embedding_table(columns, embedding_schema(d, 4, "float32")), embedding_file(tmp_path / "embed", "00000"))
+    ctx = StageContext("pca", tmp_path, tmp_path / "pca", {"embed": tmp_path / "embed"}, show_progress=False)
+    ctx.out_dir.mkdir()
+    run(PcaConfig(kept_dims=12, num_buckets=32, similarity_buckets=8), ctx)
+    artifact = load_pca(ctx.out_dir)
     model = ARPrior.from_basis(artifact, "tiny")
     c = model.config
     assert (c.embed_dim, c.kept_dims, c.num_buckets, c.similarity_buckets) == (32, 12, 32, 8)
-    assert torch.equal(model.tokenize(z), artifact.quantize(z))  # same tokens as the stage's own code
+    coords = ((z - artifact.mean) @ artifact.components[:12].T).numpy()
+    edges = artifact.bucket_edges.numpy()
+    expected = np.stack([np.searchsorted(edges[j, 1:-1], coords[:, j], side="right") for j in range(12)], 1)
+    np.testing.assert_array_equal(model.tokenize(z).numpy(), expected)
+    dot = (z * z_t).sum(-1)
+    np.testing.assert_array_equal(model.dot_tokens(z, z_t).numpy(), np.searchsorted(artifact.dot_edges.numpy()[1:-1], dot.numpy(), side="right"))
+    # the top half of the dot buckets is the top half of the training pairs' z_i.z_t
+    assert (model.dot_tokens(z, z_t) >= c.similarity_buckets // 2).float().mean() == 0.5
     torch.testing.assert_close(model.detokenize(model.tokenize(z)), artifact.dequantize(artifact.quantize(z)))
-    torch.testing.assert_close(model.dot_tokens(z, z_t), artifact.quantize_similarity((z * z_t).sum(-1)))
-    with pytest.raises(TypeError, match="not a PCA artifact"):
+    g = torch.Generator().manual_seed(0)
+    assert model.sample(z_t[:2], torch.randn(2, c.text_len, c.text_dim), generator=g).shape == (2, 32)
+    with pytest.raises(TypeError, match="not a models.pca.PcaBasis"):
         ARPrior.from_basis(object())
+
+
+def test_refuses_to_train_or_sample_without_dot_edges(tmp_path):
+    """Without fitted z_i.z_t edges the dot token means nothing (no silent uniform fallback)."""
+    model, data = _model()
+    no_dot = fit_pca(data["image_emb"], TINY.kept_dims, TINY.num_buckets)  # fitted without text
+    bare = ARPrior.from_basis(no_dot, "tiny")
+    args = (data["text_emb"][:2], data["text_states"][:2])
+    for call in (lambda: bare.sample(*args), lambda: bare.sample(*args, dot_bucket=3), lambda: training_loss(bare, data),
+                 lambda: bare.default_dot_buckets(2)):
+        with pytest.raises(RuntimeError, match=r"no dot-product bucket edges.*fit_pca\(image_emb, \.\.\., similarity=.*pca stage"):
+            call()
+    assert bare.tokenize(data["image_emb"][:2]).shape == (2, TINY.kept_dims)  # the rest of the basis works
+    # the refusal survives a checkpoint, and loading fitted weights lifts it
+    checkpoint.save(bare, tmp_path / "bare")
+    with pytest.raises(RuntimeError, match="dot-product bucket edges"):
+        checkpoint.load(tmp_path / "bare").sample(*args)
+    bare.load_state_dict(model.state_dict())
+    assert bare.sample(*args, generator=torch.Generator().manual_seed(0)).shape == (2, TINY.embed_dim)
+    model.set_basis(no_dot)
+    with pytest.raises(RuntimeError, match="dot-product bucket edges"):
+        model.sample(*args)

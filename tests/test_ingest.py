@@ -12,7 +12,7 @@ from PIL import Image
 
 from tasks.context import StageContext
 from tasks.ingest import IngestConfig, IngestError, run
-from tasks.synth import ShapeObject, render
+from tasks.shapes import ShapeObject, render
 from tests.bad_web import image_server, jpeg_bytes
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import sizes
-from models.ar_prior import fit_pca_basis
 from models.objective import BatchError, check_batch
+from models.pca import fit_pca
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,7 @@ def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
         c = model.config
         z_i = F.normalize(torch.randn(512, c.embed_dim, generator=g) + 0.3, dim=-1)
         z_t = F.normalize(z_i + 0.5 * torch.randn(512, c.embed_dim, generator=g), dim=-1)
-        model.set_basis(fit_pca_basis(z_i, c.kept_dims, c.num_buckets, z_t, c.similarity_buckets))
+        model.set_basis(fit_pca(z_i, c.kept_dims, c.num_buckets, (z_i * z_t).sum(-1), c.similarity_buckets))
     return model
 
 

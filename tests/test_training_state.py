@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from models import checkpoint, decoder
-from models.ar_prior import fit_pca_basis
 from models.checkpoint import CheckpointError
+from models.pca import fit_pca
 from models.sizes import build, objective
 from models.training_state import EMA, load_training_state, save_training_state, warmup_cosine
 
@@ -40,7 +40,8 @@ def _network(kind: str) -> torch.nn.Module:
     if kind == "ar_prior":  # a basis fitted on fixed data (buffers, restored from the checkpoint)
         g = torch.Generator().manual_seed(7)
         z = F.normalize(torch.randn(256, network.config.embed_dim, generator=g), dim=-1)
-        network.set_basis(fit_pca_basis(z, network.config.kept_dims, network.config.num_buckets, z.roll(1, 0), network.config.similarity_buckets))
+        c = network.config
+        network.set_basis(fit_pca(z, c.kept_dims, c.num_buckets, (z * z.roll(1, 0)).sum(-1), c.similarity_buckets))
     return network
 
 

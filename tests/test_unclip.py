@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models import decoder as dec
 from models import upsampler as ups
+from models.pca import PcaBasis
 from models.sizes import config_for
 from models.unclip import Stage, TextCondition, UnCLIP, pca_reconstruct, slerp, slerp_images, text_diff
 from tests.model_helpers import perturb
@@ -103,13 +104,17 @@ def test_pca_reconstruct():
     g = torch.Generator().manual_seed(0)
     comps, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
     comps, mean = comps.T, 0.1 * torch.randn(D, generator=g)
+    basis = PcaBasis(mean, comps, torch.ones(D))
     z = unit(4, D=D)
-    torch.testing.assert_close(pca_reconstruct(z, mean, comps, D), z, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pca_reconstruct(z, mean, comps, 0), F.normalize(mean, dim=0).expand(4, D))
-    errs = [(pca_reconstruct(z, mean, comps, k, normalize=False) - z).norm().item() for k in range(D + 1)]
+    torch.testing.assert_close(pca_reconstruct(z, basis, D), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pca_reconstruct(z, basis, 0), F.normalize(mean, dim=0).expand(4, D))
+    errs = [(pca_reconstruct(z, basis, k, normalize=False) - z).norm().item() for k in range(D + 1)]
     assert all(e1 <= e0 + 1e-6 for e0, e1 in zip(errs, errs[1:]))  # more dims, closer
+    # against the projector written out: mean + (z - mean) C_k^T C_k
+    C = comps[:5]
+    torch.testing.assert_close(pca_reconstruct(z, basis, 5, normalize=False), mean + (z - mean) @ C.T @ C)
     with pytest.raises(ValueError, match="k="):
-        pca_reconstruct(z, mean, comps, D + 1)
+        pca_reconstruct(z, basis, D + 1)
 
 
 def test_composed_sampler_runs_every_stage_with_its_settings(model):
@@ -215,7 +220,7 @@ def test_text_diff_frames_and_pca_probe(model):
     D = DEC.embed_dim
     comps, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
     mean = torch.zeros(D)
-    probe = model.pca_probe(z_i, mean, comps.T, [D, 2, D], seed=5, steps=3, upsample=False)
+    probe = model.pca_probe(z_i, PcaBasis(mean, comps.T, torch.ones(D)), [D, 2, D], seed=5, steps=3, upsample=False)
     torch.testing.assert_close(probe[0], probe[2])
     assert not torch.allclose(probe[0], probe[1])
     x5 = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
