@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from rich.console import Console
 
 from pipelines.config import PipelineConfig
@@ -50,9 +51,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     config_file = storage / "_pipeline" / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or f"sqlite:///{storage}/mlflow.db"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    tracking_uri = start_tracking(cfg, storage)
     console.print(f"[bold]unclip[/] {cfg.name}: storage {storage}, MLflow {tracking_uri}")
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
@@ -128,6 +127,26 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
+
+
+def start_tracking(cfg: PipelineConfig, storage: Path) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI, else the config's URI, else a sqlite file in storage;
+    returns the URI. With the default store, the experiment's artifacts live in storage too
+    (`<storage>/mlruns`; MLflow's own default is ./mlruns of the working directory), so one
+    directory holds a whole run. A server or an explicit store keeps its own artifact root."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    tracking_uri = explicit or f"sqlite:///{storage}/mlflow.db"
+    mlflow.set_tracking_uri(tracking_uri)
+    if not explicit and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+        try:
+            mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=(storage / "mlruns").as_uri())
+        except MlflowException as e:  # created meanwhile by a concurrent run
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    if not explicit and not experiment.artifact_location.startswith((storage / "mlruns").as_uri()):
+        console.print(f"[yellow]note[/]: experiment {cfg.mlflow.experiment!r} was created before artifacts were kept in storage; they stay in {experiment.artifact_location}")
+    return tracking_uri
 
 
 def output_settings(stage_cfg) -> dict[str, Any]:
