@@ -23,7 +23,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from rich.console import Console
 
-from pipelines.config import PipelineConfig
+from pipelines.checks import check_stage_names, preflight
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
 from tasks.context import StageContext
 
@@ -39,6 +40,7 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
+    check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
     storage = Path(cfg.storage).absolute()
     planned = {s.name for s in stages}
@@ -46,6 +48,9 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
         for name in stage.inputs(cfg):
             if name not in planned and not (storage / name / MANIFEST).is_file():
                 raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {name}/{MANIFEST}); run it first, e.g. without --only")
+    preflight(cfg, [s.name for s in stages])  # bad paths and URIs fail here, before anything is written
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "_pipeline").mkdir(exist_ok=True)
     config_file = storage / "_pipeline" / "config.yaml"
@@ -53,8 +58,6 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
 
     tracking_uri = start_tracking(cfg, storage)
     console.print(f"[bold]unclip[/] {cfg.name}: storage {storage}, MLflow {tracking_uri}")
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
 
     results: dict[str, dict[str, Any]] = {}
     with mlflow.start_run(run_name=cfg.name) as parent:
@@ -164,7 +167,11 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:
+            key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+            raise ConfigError(f"{key} {address}: cannot connect to a Ray cluster ({str(e).strip().splitlines()[0]}); start it, or unset {key} to run locally") from None
     else:
         object_store = cfg.ray.object_store_mb * 2**20 if cfg.ray.object_store_mb else None
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, include_dashboard=False)
