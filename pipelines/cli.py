@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,21 +29,29 @@ def run(
     """Run the workflow (stages whose manifest matches are skipped)."""
     from pipelines.runner import StageInputMissing, run_pipeline
 
-    overrides = list(set_ or []) + ([f"storage={storage}"] if storage else [])
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, _with_storage(set_, storage))
         run_pipeline(cfg, only=only, until=until)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    except StageInputMissing as e:
+    except (ConfigError, StageInputMissing) as e:
         _fail(str(e), 2)
 
 
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="pipeline YAML")], set_: Annotated[Optional[list[str]], typer.Option("--set")] = None) -> None:
+def validate(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    storage: Annotated[Optional[str], typer.Option(help="output root; overrides the config's storage")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE")] = None,
+    check_paths: Annotated[bool, typer.Option(help="also check, from this machine, what `run` checks first: storage, URL list, model files, MLflow and Ray addresses")] = False,
+) -> None:
     """Check a config without running anything."""
+    from pipelines.checks import preflight
+    from pipelines.dag import plan
+
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, _with_storage(set_, storage))
+        plan(cfg)
+        if check_paths:
+            preflight(cfg, cfg.stages)
     except ConfigError as e:
         _fail(str(e), 2)
     typer.echo(f"{config}: valid; stages {', '.join(cfg.stages)}")
@@ -56,10 +65,18 @@ def synth(
     image_size: Annotated[int, typer.Option(min=16, help="rendered resolution")] = 128,
 ) -> None:
     """Generate the synthetic coloured-shapes dataset (images + captions.parquet)."""
+    from pipelines.checks import writable_dir_problem
     from tasks.synth import generate
 
+    if problem := writable_dir_problem(out.absolute()):
+        _fail(f"--out: {problem}; pass a writable directory", 2)
     counts = generate(out, n, seed, image_size)
     typer.echo(f"wrote {counts['images']:.0f} images ({counts['train']:.0f} train, {counts['heldout']:.0f} held-out) and captions.parquet to {out}")
+
+
+def _with_storage(overrides: list[str] | None, storage: str | None) -> list[str]:
+    # JSON-quoted: a path is a string, whatever YAML would make of it (`#`, `: `, `123`)
+    return list(overrides or []) + ([f"storage={json.dumps(storage)}"] if storage is not None else [])
 
 
 if __name__ == "__main__":

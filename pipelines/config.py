@@ -79,11 +79,13 @@ class PipelineConfig(BaseModel):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} " + ("is a directory, not a YAML file" if path.is_dir() else "does not exist") + "; pass a pipeline YAML, e.g. pipelines/configs/demo.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}); pass a readable YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
     for override in overrides or []:
@@ -94,15 +96,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 def apply_override(data: dict[str, Any], override: str) -> None:
     """`a.b=c` sets data["a"]["b"] to c, with c parsed as YAML (so 3 is an int, [1, 2] a list)."""
     key, sep, raw = override.partition("=")
-    if not sep or not key:
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set ingest.processes=1")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it, e.g. --set '{key}=\"...\"'") from None
     node = data
-    parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`ingest:` alone in the YAML)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def validate(data: dict[str, Any], source: str = "config") -> PipelineConfig:

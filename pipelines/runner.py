@@ -20,9 +20,11 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from rich.console import Console
 
-from pipelines.config import PipelineConfig
+from pipelines.checks import check_stage_names, preflight
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
 from tasks.context import StageContext
 
@@ -39,6 +41,7 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
+    check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
     storage = Path(cfg.storage).absolute()
     planned = {s.name for s in stages}
@@ -46,17 +49,16 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
         for name in stage.inputs(cfg):
             if name not in planned and not (storage / name / MANIFEST).is_file():
                 raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {name}/{MANIFEST}); run it first, e.g. without --only")
+    preflight(cfg, [s.name for s in stages])  # bad paths and URIs fail here, before anything is written
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "_pipeline").mkdir(exist_ok=True)
     config_file = storage / "_pipeline" / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or f"sqlite:///{storage}/mlflow.db"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    tracking_uri = start_tracking(cfg, storage)
     console.print(f"[bold]unclip[/] {cfg.name}: storage {storage}, MLflow {tracking_uri}")
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
 
     results: dict[str, dict[str, Any]] = {}
     with mlflow.start_run(run_name=cfg.name) as parent:
@@ -136,6 +138,26 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     return {"status": "ran", "counts": counts}
 
 
+def start_tracking(cfg: PipelineConfig, storage: Path) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI, else the config's URI, else a sqlite file in storage;
+    returns the URI. With the default store, the experiment's artifacts live in storage too
+    (`<storage>/mlruns`; MLflow's own default is ./mlruns of the working directory), so one
+    directory holds a whole run. A server or an explicit store keeps its own artifact root."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    tracking_uri = explicit or f"sqlite:///{storage}/mlflow.db"
+    mlflow.set_tracking_uri(tracking_uri)
+    if not explicit and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+        try:
+            mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=(storage / "mlruns").as_uri())
+        except MlflowException as e:  # created meanwhile by a concurrent run
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    if not explicit and not experiment.artifact_location.startswith((storage / "mlruns").as_uri()):
+        console.print(f"[yellow]note[/]: experiment {cfg.mlflow.experiment!r} was created before artifacts were kept in storage; they stay in {experiment.artifact_location}")
+    return tracking_uri
+
+
 def output_settings(stage_cfg) -> dict[str, Any]:
     """The stage settings that decide its output: all but those marked EXECUTION_ONLY
     (processes, threads, actor counts), so re-tuning a finished stage does not redo it."""
@@ -151,7 +173,11 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:
+            key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+            raise ConfigError(f"{key} {address}: cannot connect to a Ray cluster ({str(e).strip().splitlines()[0]}); start it, or unset {key} to run locally") from None
     else:
         object_store = cfg.ray.object_store_mb * 2**20 if cfg.ray.object_store_mb else None
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, include_dashboard=False)

@@ -164,6 +164,33 @@ def resolve_clip_spec(cfg: EmbedConfig, out_dir: Path, storage: Path, seed: int)
     return spec
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # models.clip refuses these
+
+
+def check_inputs(cfg: EmbedConfig, storage: Path) -> list[str]:
+    """Problems with the local files the config names, found before any stage runs; paths are
+    resolved as `resolve_clip_spec` resolves them."""
+    problems = []
+    arch = cfg.clip_arch
+    if isinstance(arch, str) and arch != "tiny":
+        path = Path(arch) if Path(arch).is_absolute() else storage / arch
+        if not path.is_file():
+            problems.append(f"embed.clip_arch {arch!r}: {path} does not exist; set it to 'tiny', a mapping, or a JSON file (a relative path is under storage)")
+    weights = cfg.clip_pretrained
+    if weights is not None and not weights.startswith("hf-hub:"):
+        if arch is not None:  # a custom architecture takes a weights file only
+            path, is_path = (Path(weights) if Path(weights).is_absolute() else storage / weights), True
+        else:  # an open_clip tag, or a file under storage, or a file
+            path = storage / weights if not Path(weights).is_absolute() and (storage / weights).is_file() else Path(weights)
+            is_path = "/" in weights or weights.endswith((".safetensors", *PICKLE_SUFFIXES))
+        if is_path and not path.is_file():
+            problems.append(f"embed.clip_pretrained {weights!r}: {path} does not exist; set an open_clip tag (e.g. openai) or a .safetensors file (a relative path is tried under storage)")
+        elif is_path and path.suffix in PICKLE_SUFFIXES:
+            problems.append(f"embed.clip_pretrained {weights!r}: a pickled checkpoint, which is never loaded; convert it once to .safetensors "
+                            "(safetensors.torch.save_file(state_dict, 'clip.safetensors')) and set that path")
+    return problems
+
+
 def clip_fingerprint(spec: dict[str, Any], cfg: EmbedConfig) -> str:
     keyed = {k: v for k, v in spec.items() if k not in ("pretrained", "random_init_seed")}
     keyed["pretrained"] = spec["pretrained"] if "weights_sha256" not in spec else None  # content, not path

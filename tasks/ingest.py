@@ -172,12 +172,70 @@ def summarise(out_dir: Path) -> dict[str, float]:
     return counts
 
 
-def _count_rows(url_list: str, input_format: str) -> int:
+def check_inputs(cfg: IngestConfig, storage: Path) -> list[str]:
+    """Problems with the URL list, found before any stage runs: it must exist (or, remote, be
+    listable), be readable as `input_format`, and have the configured columns."""
+    if cfg.url_list is None:
+        return []
+    url_list, fmt = cfg.url_list, cfg.input_format
+    key = f"ingest.url_list {url_list}"
+    try:
+        fs, files = _url_list_files(url_list, fmt)
+    except Exception as e:  # no s3fs, no credentials, no network: the reason, in one line
+        return [f"{key}: cannot be listed ({_one_line(e)}); check the path and your access to it"]
+    if files is None:
+        return [f"{key} does not exist; set ingest.url_list to an existing file or folder (local or s3://...)"]
+    if not files:
+        return [f"{key}: a folder without *.{fmt} files; set ingest.input_format to its files' format or point ingest.url_list at another folder"]
+    try:
+        columns = _columns(fs, files[0], fmt)
+    except Exception as e:
+        suffix = files[0].rsplit(".", 1)[-1].lower()
+        hint = f"; it looks like {suffix}: set ingest.input_format={suffix}" if suffix in ("parquet", "csv", "tsv", "json", "txt") and suffix != fmt else ""
+        return [f"{key}: cannot be read as {fmt} ({_one_line(e)}){hint}"]
+    wanted = {"ingest.url_col": [cfg.url_col], "ingest.caption_col": [cfg.caption_col], "ingest.additional_columns": cfg.additional_columns}
+    missing = [f"{name!r} ({option})" for option, names in wanted.items() for name in names if columns is not None and name not in columns]
+    if missing:
+        return [f"{key}: no column {', '.join(missing)}; its columns are {columns}: set those options to the list's column names"]
+    return []
+
+
+def _url_list_files(url_list: str, input_format: str):
+    """(filesystem, files) as img2dataset reads them: a file, or a folder's *.{input_format};
+    files is None when nothing is at url_list."""
     import fsspec
-    import pandas as pd
 
     fs, path = fsspec.core.url_to_fs(url_list)
-    files = sorted(fs.glob(path + "/*." + input_format)) if fs.isdir(path) else [path]
+    try:
+        info = fs.info(path)  # not isdir/exists: they turn "access denied" into "not there"
+    except FileNotFoundError:
+        return fs, None
+    if info["type"] == "directory":
+        return fs, sorted(fs.glob(path.rstrip("/") + "/*." + input_format))
+    return fs, [path]
+
+
+def _columns(fs, file: str, input_format: str) -> list[str] | None:
+    """Column names of a parquet/csv/tsv URL list (reads the footer or header only); None: not checked."""
+    import pandas as pd
+
+    with fs.open(file, "rb") as f:
+        if input_format == "parquet":
+            return pq.read_schema(f).names
+        if input_format in ("csv", "tsv"):
+            return list(pd.read_csv(f, sep="," if input_format == "csv" else "\t", nrows=0).columns)
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _count_rows(url_list: str, input_format: str) -> int:
+    import pandas as pd
+
+    fs, files = _url_list_files(url_list, input_format)
     total = 0
     for file in files:
         with fs.open(file, "rb") as f:
