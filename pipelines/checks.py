@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, ingest
+from tasks import embed, ingest, training
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent
 STAGE_CHECKS: dict[str, Callable[..., list[str]]] = {
@@ -33,6 +33,8 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
     for name in stages:
         if name in STAGE_CHECKS:
             problems += STAGE_CHECKS[name](cfg.stage_config(name), storage)
+        elif name.startswith("train_"):
+            problems += training.check_inputs(name, cfg.stage_config(name), storage)
     problems += tracking_problems(cfg) + ray_problems(cfg)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "the run cannot start:\n" + "\n".join(f"  {p}" for p in problems))

@@ -208,17 +208,26 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def resolve_init_from(source: str | None, storage: Path) -> str | None:
-    """A directory holding weights to start from; exits early (ValueError naming the key) when
-    there is none. A finished stage's directory means its exported EMA."""
+    """The directory holding the weights to start from (a finished stage's directory means its
+    exported EMA); TrainingFailed when there is none."""
     if source is None:
         return None
     path = Path(source) if Path(source).is_absolute() else Path(storage) / source
     if (path / "ema").is_dir():
         path = path / "ema"
     if not path.is_dir():
-        raise TrainingFailed(f"init_from: {source!r} does not exist (looked at {path}); give a checkpoint "
+        raise TrainingFailed(f"init_from {source!r} does not exist (looked at {path}); give a checkpoint "
                              "directory, a finished training stage's directory, or a diffusers directory")
     return str(path)
+
+
+def check_inputs(stage: str, cfg: TrainConfig, storage: Path) -> list[str]:
+    """Problems found before the run starts (pipelines.checks): an init_from that is not there."""
+    try:
+        resolve_init_from(cfg.init_from, storage)
+    except TrainingFailed as e:
+        return [f"{stage}.{e}"]
+    return []
 
 
 def _root_cause(error: BaseException) -> str:

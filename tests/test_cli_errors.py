@@ -148,7 +148,7 @@ def test_url_list_without_the_configured_columns(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--only", "train_magic"], "--only 'train_magic': no such stage (stages: synth, ingest, embed, pca)"),
+    (["--only", "train_magic"], "--only 'train_magic': no such stage (stages: synth, ingest, train_clip, embed, pca, train_prior, train_decoder, train_upsampler)"),
     (["--only", "ingest,embed"], "repeat --only for several stages"),
     (["--until", "pca", "--set", "stages=[synth]"], "--until 'pca': not one of this config's stages (synth)"),
 ])
@@ -234,3 +234,9 @@ def test_storage_option_is_taken_literally(tmp_path, monkeypatch, storage):
     result = CliRunner().invoke(app, ["run", QUICK, "--storage", storage])
     assert result.exit_code == 0, result.output
     assert seen["storage"] == storage
+
+
+def test_missing_init_from(cli, tmp_path):
+    missing = tmp_path / "karlo" / "decoder"
+    message = cli("run", QUICK, "--storage", tmp_path / "s", "--set", f"train_decoder.init_from={missing}")
+    assert "train_decoder.init_from" in message and str(missing) in message and "does not exist" in message
