@@ -83,6 +83,8 @@ def read_config(directory: str | Path) -> tuple[str, dict]:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid checkpoint config: {e}") from e
     if name not in _CLASSES:
+        import models.sizes  # noqa: F401  (imports every model module, which registers its classes)
+    if name not in _CLASSES:
         raise CheckpointError(f"{path}: unknown model class {name!r}; known: {sorted(_CLASSES)}")
     current = _CLASSES[name][1]
     if version > current:
