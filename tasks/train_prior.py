@@ -48,8 +48,10 @@ def prior_figures(network, batch, step: int, directory: Path, sample_steps: int 
     generator = torch.Generator(device=batch["image_emb"].device).manual_seed(0)
     z_i, z_t = batch["image_emb"], batch["text_emb"]
 
+    steps = {} if type(network).__name__ == "ARPrior" else {"steps": sample_steps}  # AR: one pass per token
+
     def draw(text_emb, states, mask):
-        return network.sample(text_emb, states, mask, steps=sample_steps, guidance_scale=guidance_scale, generator=generator)
+        return network.sample(text_emb, states, mask, guidance_scale=guidance_scale, generator=generator, **steps)
 
     z_hat = draw(z_t, batch["text_states"], batch["text_mask"])
     rolled = draw(z_t.roll(1, 0), batch["text_states"].roll(1, 0), batch["text_mask"].roll(1, 0))
@@ -61,12 +63,18 @@ def prior_figures(network, batch, step: int, directory: Path, sample_steps: int 
     return [path], figures
 
 
-def model_config(cfg: TrainPriorConfig, embed_dir: Path) -> dict:
+def model_config(cfg: TrainPriorConfig, embed_dir: Path, ctx: StageContext | None = None) -> dict:
     from models import sizes
     from tasks.captions import clip_dims
 
     dims = clip_dims(embed_dir)
     derived = {"embed_dim": dims["embed_dim"], "text_dim": dims["text_width"], "text_len": dims["context_length"]}
+    if cfg.kind == "ar_prior":  # token vocabulary from the fitted basis
+        from tasks.schema import load_pca
+
+        basis = load_pca(ctx.input("pca"))
+        derived.update(kept_dims=basis.kept_dims, num_buckets=basis.num_buckets,
+                       similarity_buckets=basis.similarity_buckets)
     return dataclasses.asdict(sizes.config_for(cfg.kind, cfg.size, **{**derived, **cfg.model}))
 
 
@@ -74,8 +82,6 @@ def run(cfg: TrainPriorConfig, ctx: StageContext) -> dict[str, float]:
     from tasks.dataset import embedding_dataset
 
     embed_dir = ctx.input("embed")
-    if cfg.kind == "ar_prior":
-        raise training.TrainingFailed("train_prior.kind=ar_prior: not wired into the stage yet; use kind=prior")
     common = dict(val_fraction=cfg.val_fraction, columns=COLUMNS)
     train = embedding_dataset(embed_dir, split="train", **common)
     val = embedding_dataset(embed_dir, split="validation", **common) if cfg.val_fraction > 0 else None
@@ -84,8 +90,21 @@ def run(cfg: TrainPriorConfig, ctx: StageContext) -> dict[str, float]:
         batches=PriorBatches,
         batch_args={"embed_dir": str(embed_dir)},
         samples=_Figures(cfg.sample_steps, cfg.guidance_scale),
+        setup=SetBasis(str(ctx.input("pca"))) if cfg.kind == "ar_prior" else None,
     )
-    return training.fit(spec, cfg, ctx, model_config(cfg, embed_dir), train, val)
+    return training.fit(spec, cfg, ctx, model_config(cfg, embed_dir, ctx), train, val)
+
+
+@dataclasses.dataclass
+class SetBasis:
+    """The AR prior's PCA basis and bucket edges (the pca stage's artifact) set on a new network."""
+
+    pca_dir: str
+
+    def __call__(self, network) -> None:
+        from tasks.schema import load_pca
+
+        network.set_basis(load_pca(self.pca_dir))
 
 
 @dataclasses.dataclass

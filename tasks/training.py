@@ -93,7 +93,26 @@ class TrainSpec:
     batches: Callable[..., Any]
     batch_args: dict[str, Any] = field(default_factory=dict)
     samples: Callable[..., tuple[list[Path], dict[str, float]]] | None = None
+    setup: Callable[[Any], None] | None = None  # called on each worker's new network (e.g. a PCA basis)
     columns: list[str] | None = None  # the Ray Data columns the loop needs (tensors only)
+
+
+class ToDevice:
+    """Batches that are already the objective's batch: each tensor moved to the device (floats
+    as float32, integer randomness such as `t` as int64, flags as bool)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, raw: dict) -> dict:
+        import torch
+
+        def convert(value):
+            if value.dtype.is_floating_point:
+                return value.float()
+            return value if value.dtype == torch.bool else value.long()
+
+        return {k: convert(v).to(self.device) for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +160,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "batches": spec.batches,
         "batch_args": spec.batch_args,
         "samples": spec.samples,
+        "setup": spec.setup,
         "seed": ctx.seed,
         "threads": max(1, int(resources["CPU"])),
         "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id if active else None},
@@ -268,6 +288,8 @@ def train_loop(config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)
 
     network = sizes.build_from_config(config["kind"], config["model_config"])
+    if config["setup"]:
+        config["setup"](network)
     if config["init_from"]:
         load_init_weights(network, config["init_from"])
     network.to(device)

@@ -23,3 +23,19 @@ def test_prior_trains_with_two_workers_logs_and_exports(train_inputs, tmp_path):
     for name in ("ema", "network", "best"):
         model = checkpoint.load(tmp_path / "train_prior" / name)
         assert type(model).__name__ == "DiffusionPrior"
+
+
+def test_ar_prior_trains_on_the_pca_basis(train_inputs, tmp_path):
+    from tasks import pca
+
+    run_stage(pca, pca.PcaConfig(kept_dims=16, num_buckets=16, similarity_buckets=8), train_inputs, tmp_path, "pca")
+    pca_dir = tmp_path / "pca"
+    cfg = train_prior.TrainPriorConfig(kind="ar_prior", steps=20, batch_size=16, workers=1, lr=1e-3, warmup_steps=2,
+                                       checkpoint_every=20, log_every=5, val_fraction=0.2)
+    counts, run_id, uri = run_stage(train_prior, cfg, train_inputs, tmp_path, "train_prior", {"pca": pca_dir})
+    assert counts["steps"] == 20
+    losses = [v for _, v in metric_history(uri, run_id, "loss")]
+    assert losses[-1] < losses[0]
+    model = checkpoint.load(tmp_path / "train_prior" / "ema")
+    assert type(model).__name__ == "ARPrior" and model.config.kept_dims == 16
+    assert metric_history(uri, run_id, "val_cos_pred_image")

@@ -1,0 +1,115 @@
+"""train_decoder, train_upsampler and train_clip on real Ray Train (2 workers), real MLflow, real
+shards and a real embedded table; and the loop's data parallelism against one worker."""
+
+import mlflow
+import pytest
+import torch
+
+from models import checkpoint
+from tasks import train_clip, train_decoder, train_upsampler
+from tests.train_helpers import metric_history, run_stage, train_inputs  # noqa: F401  (fixture)
+
+FAST = dict(workers=2, warmup_steps=5, log_every=5, val_fraction=0.2)
+
+
+def _falls(uri, run_id, factor=0.9):
+    losses = [v for _, v in metric_history(uri, run_id, "loss")]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < factor * first, losses
+
+
+def _sample_artifacts(uri, run_id):
+    return [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id, "samples")]
+
+
+@pytest.mark.parametrize("module, cfg, name, kind", [
+    (train_decoder, train_decoder.TrainDecoderConfig(steps=30, batch_size=8, lr=1e-3, checkpoint_every=15,
+                                                     sample_steps=3, grid_rows=4, **FAST), "train_decoder", "Decoder"),
+    (train_upsampler, train_upsampler.TrainUpsamplerConfig(steps=30, batch_size=8, lr=1e-3, checkpoint_every=15,
+                                                           sample_steps=3, grid_rows=4, **FAST), "train_upsampler", "Upsampler"),
+    (train_clip, train_clip.TrainClipConfig(steps=30, batch_size=16, lr=1e-3, checkpoint_every=15, **FAST),
+     "train_clip", "ClipModel"),
+])
+def test_stage_trains_logs_and_exports(module, cfg, name, kind, train_inputs, tmp_path):
+    counts, run_id, uri = run_stage(module, cfg, train_inputs, tmp_path, name)
+    assert counts["steps"] == 30 and counts["skipped_steps"] == 0
+    _falls(uri, run_id)
+    assert metric_history(uri, run_id, "val_loss") and metric_history(uri, run_id, "samples_per_s")
+    if name != "train_clip":
+        assert any(p.endswith(".png") for p in _sample_artifacts(uri, run_id))
+    for export in ("ema", "network", "best"):
+        assert type(checkpoint.load(tmp_path / name / export)).__name__ == kind
+    if name == "train_decoder":
+        assert counts["rows_without_image"] == 0
+    if name == "train_clip":  # what embed loads with clip_from: train_clip
+        from models.clip import load_clip
+
+        exported = tmp_path / name / "clip"
+        encoder = load_clip(None, str(exported / "clip.safetensors"), arch=str(exported / "arch.json"))
+        ema = checkpoint.load(tmp_path / name / "ema")
+        tokens = encoder.tokenize(["a small red circle"])
+        torch.testing.assert_close(encoder.encode_text(tokens), ema.encoder().encode_text(tokens))
+
+
+def test_two_workers_take_the_same_first_step_as_one_worker_with_twice_the_batch(ray_local, tmp_path):
+    """The same 2b rows (randomness carried in the rows) as 2 workers × b and as 1 worker × 2b:
+    the exported raw network after one AdamW step must agree."""
+    import ray
+
+    from models import sizes
+    from tasks import training
+    from tasks.context import StageContext
+
+    config = sizes.config_for("prior", "tiny")
+    g = torch.Generator().manual_seed(0)
+    b, d, L = 4, config.embed_dim, 5
+    rows = [{
+        "image_emb": torch.randn(d, generator=g).numpy(), "text_emb": torch.randn(d, generator=g).numpy(),
+        "text_states": torch.randn(L, config.text_dim, generator=g).numpy(), "noise": torch.randn(d, generator=g).numpy(),
+        "t": int(torch.randint(0, 1000, (1,), generator=g)), "drop_text": bool(i % 3 == 0),
+    } for i in range(2 * b)]
+    init = tmp_path / "init"
+    torch.manual_seed(1)
+    checkpoint.save(sizes.build("prior", "tiny"), init)
+    results = {}
+    for workers, batch in ((2, b), (1, 2 * b)):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        cfg = training.TrainConfig(steps=1, batch_size=batch, workers=workers, warmup_steps=0, lr=1e-2,
+                                   checkpoint_every=1, val_fraction=0.0, init_from=str(init), grad_clip=None)
+        ctx = StageContext("ddp", tmp_path, out, {}, seed=0, show_progress=False)
+        spec = training.TrainSpec(kind="prior", batches=training.ToDevice)
+        training.fit(spec, cfg, ctx, __import__("dataclasses").asdict(config), ray.data.from_items(rows), None)
+        results[workers] = checkpoint.load(out / "network").state_dict()
+    before = checkpoint.load(init).state_dict()
+    moved = [k for k in before if not torch.equal(before[k], results[1][k])]
+    assert moved, "the step changed nothing"
+    for key in before:
+        torch.testing.assert_close(results[2][key], results[1][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_rows_whose_image_is_missing_are_counted_and_skipped(train_inputs, tmp_path):
+    """The decoder's image join skips table rows whose image is gone from the shard, and the
+    stage's count (rows_without_image) says how many."""
+    import io
+    import shutil
+    import tarfile
+
+    from tasks.dataset import embedding_dataset, rows_without_image
+
+    ingest = tmp_path / "ingest"
+    shutil.copytree(train_inputs.ingest, ingest)
+    first = sorted(ingest.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dropped = {m.name.split(".")[0] for m, _ in members if m.name.endswith(".jpg")}
+    dropped = set(sorted(dropped)[:5])
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if not (member.name.endswith(".jpg") and member.name.split(".")[0] in dropped):
+                tar.addfile(member, io.BytesIO(data))
+    assert rows_without_image(train_inputs.embed, ingest) == 5
+    rows = embedding_dataset(train_inputs.embed, split="all", ingest_dir=ingest, columns=["key"]).take_all()
+    all_rows = embedding_dataset(train_inputs.embed, split="all", columns=["key"]).take_all()
+    assert len(rows) == len(all_rows) - 5
+    assert not dropped & {r["key"] for r in rows}
