@@ -61,7 +61,7 @@ class DecoderConfig:
     schedule: str = "cosine"
     num_train_timesteps: int = 1000
     learned_variance: bool = False  # off by default: the first NaN source under AMP
-    vlb_weight: float = 0.001  # Improved-DDPM hybrid loss weight, used only with learned variance
+    vlb_weight: float = 0.001  # Improved DDPM's lambda on L_vlb (summed over t, bits/dim); learned variance only
 
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)
@@ -318,32 +318,11 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _vlb(sched, out, x0, x_t, t):
-        """KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in nats/dim through a stopped-gradient mean, so
-        only the variance head learns from it (Improved DDPM's hybrid loss). p's log-variance
-        interpolates log beta_t and log beta~_t with v in [-1, 1] (diffusers' "learned_range")."""
-        C = x0.shape[1]
-        mean_out, v = out[:, :C].detach(), out[:, C:]
-        ab = sched.alphas_cumprod.to(x0.device).double()
-        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        beta = 1 - ab / ab_prev
-        post_var = beta * (1 - ab_prev) / (1 - ab)
-        log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # beta~_0 = 0: use beta~_1
-        bc = lambda a: a[t].float().view(-1, 1, 1, 1)
-        ab_t, ab_p, beta_t, log_post_t = bc(ab), bc(ab_prev), bc(beta), bc(log_post)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()
-        elif kind == "sample":
-            x0_hat = mean_out
-        else:
-            x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
-        x0_hat = x0_hat.clamp(-1, 1)
-        c0, ct = ab_p.sqrt() * beta_t / (1 - ab_t), (1 - beta_t).sqrt() * (1 - ab_p) / (1 - ab_t)
-        frac = (v.clamp(-1, 1) + 1) / 2
-        log_var = frac * torch.log(beta_t) + (1 - frac) * log_post_t
-        diff = c0 * (x0 - x0_hat)  # true mean - model mean
-        kl = 0.5 * (-1 + log_var - log_post_t + torch.exp(log_post_t - log_var) + diff**2 * torch.exp(-log_var))
-        return kl.mean()
+        """L_vlb = sum over all T timesteps of L_t, in bits per dimension, estimated as T times the
+        batch mean of L_t at the uniformly drawn t (diffusion.vlb_terms: the variance head learns
+        from it, the mean is stopped). vlb_weight (Improved DDPM's lambda = 0.001) multiplies this,
+        so the hybrid loss is Improved DDPM's L_simple + lambda L_vlb in its units."""
+        return sched.config.num_train_timesteps * diffusion.vlb_terms(sched, out, x0, x_t, t).mean()
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -438,8 +417,8 @@ def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator:
     """Mean loss on a batch of images: t, noise and the CFG dropout masks (image_drop_prob,
     text_drop_prob, independent) are drawn unless the batch has them.
 
-    Simple MSE on the configured target; with learned variance plus the Improved-DDPM
-    variational term (weight vlb_weight) that trains the variance head with a stopped mean.
+    Simple MSE on the configured target; with learned variance plus Improved DDPM's
+    vlb_weight * L_vlb (`Decoder._vlb`), which trains the variance head with a stopped mean.
     Autocast-friendly: the loss is computed in float32. Metrics: loss, mse (+ vlb)."""
     check_batch(BATCH, batch, "decoder")
     model = unwrap(network)

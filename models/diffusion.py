@@ -103,6 +103,44 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     raise ValueError(f"prediction_type={kind!r}; allowed: {PREDICTION_TYPES}")
 
 
+def discretized_gaussian_nll(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """-log p(x0) per element (nats) for 8-bit data scaled to [-1, 1] under N(mean, exp(log_var))
+    integrated over x0's bin of width 2/255, the outermost bins open-ended (DDPM's decoder, Ho
+    et al. 2020, eq. 13)."""
+    std = torch.exp(0.5 * log_var)
+    upper = torch.where(x0 > 1 - 1e-3, torch.ones_like(x0), torch.special.ndtr((x0 + 1 / 255 - mean) / std))
+    lower = torch.where(x0 < -1 + 1e-3, torch.zeros_like(x0), torch.special.ndtr((x0 - 1 / 255 - mean) / std))
+    return -torch.log((upper - lower).clamp(min=1e-12))
+
+
+def vlb_terms(scheduler, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample term L_t of the variational bound in bits per dimension (B,), for a network that
+    outputs [mean part, v] with p's log-variance v-interpolated between log beta_t (v = 1) and the
+    clipped log beta~_t (v = -1) (Improved DDPM's learned range; diffusers' "learned_range"):
+    KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the discretized decoder NLL for t = 0.
+    The mean part is detached (only the variance learns from L_vlb, as in the hybrid loss) and its
+    x0 is not clamped. At a uniform t, T * L_t estimates L_vlb = sum_t L_t."""
+    C = x0.shape[1]
+    mean_out, v = out[:, :C].detach(), out[:, C:]
+    ab = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float64)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    beta = 1 - ab / ab_prev
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # beta~_0 = 0: use beta~_1 ("clipped")
+    coef_x0, coef_xt = ab_prev.sqrt() * beta / (1 - ab), (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+    per_row = lambda a: a[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))  # noqa: E731
+    ab_t, beta_t, log_post_t, c0, ct = map(per_row, (ab, beta, log_post, coef_x0, coef_xt))
+    x0_hat, _ = predicted_x0_and_eps(scheduler.config.prediction_type, mean_out, x_t, ab_t)
+    frac = (v + 1) / 2
+    log_var = frac * torch.log(beta_t) + (1 - frac) * log_post_t
+    # posterior mean - model mean: the x_t parts are equal, the x0 parts differ by c0 (x0 - x0_hat)
+    diff = c0 * (x0 - x0_hat)
+    kl = 0.5 * (-1 + log_var - log_post_t + torch.exp(log_post_t - log_var) + diff**2 * torch.exp(-log_var))
+    nll = discretized_gaussian_nll(x0, c0 * x0_hat + ct * x_t, log_var)
+    per_dim = lambda a: a.flatten(1).mean(1) / math.log(2.0)  # noqa: E731  nats -> bits, mean over dims
+    return torch.where(t == 0, per_dim(nll), per_dim(kl))
+
+
 # ---------------------------------------------------------------------------------------------
 # Guidance
 
@@ -157,9 +195,10 @@ def _alpha_bar(scheduler, t: int) -> float:
     return float(scheduler.alphas_cumprod[t]) if t >= 0 else 1.0
 
 
-def predicted_x0_and_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: float):
-    """(x0, eps) implied by a network output at noise level abar, x = sqrt(abar) x0 + sqrt(1-abar) eps."""
-    a, s = math.sqrt(abar), math.sqrt(1 - abar)
+def predicted_x0_and_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, abar: float | torch.Tensor):
+    """(x0, eps) implied by a network output at noise level abar (a float, or a tensor that
+    broadcasts against x), x = sqrt(abar) x0 + sqrt(1-abar) eps."""
+    a, s = (abar.sqrt(), (1 - abar).sqrt()) if isinstance(abar, torch.Tensor) else (math.sqrt(abar), math.sqrt(1 - abar))
     if prediction_type == "epsilon":
         return (x - s * out) / a, out
     if prediction_type == "sample":

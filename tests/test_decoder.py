@@ -183,6 +183,84 @@ def test_learned_variance_loss_is_finite_and_trains_variance_head():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def improved_ddpm_vlb_bits(sched, out, x0, x_t, t):
+    """Reference L_t in bits/dim per sample, float64, from the papers' formulas (DDPM eqs. 6-7 and
+    13, Improved DDPM section 3.1 with the clipped beta~ at t = 0), with torch.distributions for
+    the KL and the Gaussian CDF, and diffusers' DDPMScheduler for the learned-range variance (t > 0)."""
+    from torch.distributions import Normal, kl_divergence
+
+    abar = sched.alphas_cumprod.double()
+    C = x0.shape[1]
+    rows = []
+    for i, ti in enumerate(t.tolist()):
+        a_t, a_prev = abar[ti], abar[ti - 1] if ti > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - a_t / a_prev
+        x, xt, m, v = x0[i].double(), x_t[i].double(), out[i, :C].double(), out[i, C:].double()
+        x0_hat = {"epsilon": (xt - (1 - a_t).sqrt() * m) / a_t.sqrt(), "sample": m,
+                  "v_prediction": a_t.sqrt() * xt - (1 - a_t).sqrt() * m}[sched.config.prediction_type]
+        mean = lambda z: a_prev.sqrt() * beta / (1 - a_t) * z + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * xt
+        if ti > 0:
+            log_var = sched._get_variance(ti, predicted_variance=v.float()).double()  # diffusers' learned_range
+            post = Normal(mean(x), ((1 - a_prev) / (1 - a_t) * beta).sqrt())
+            nats = kl_divergence(post, Normal(mean(x0_hat), (0.5 * log_var).exp())).mean()
+        else:
+            beta1 = 1 - abar[1] / abar[0]
+            clipped = (1 - abar[0]) / (1 - abar[1]) * beta1  # beta~_1
+            frac = (v + 1) / 2
+            p = Normal(mean(x0_hat), (0.5 * (frac * beta.log() + (1 - frac) * clipped.log())).exp())
+            hi = torch.where(x > 0.999, torch.ones_like(x), p.cdf(x + 1 / 255))
+            lo = torch.where(x < -0.999, torch.zeros_like(x), p.cdf(x - 1 / 255))
+            nats = -(hi - lo).log().mean()
+        rows.append(nats / math.log(2))
+    return torch.stack(rows)
+
+
+def vlb_case(kind, B=6, seed=0):
+    from models import diffusion
+
+    sched = diffusion.make_scheduler("ddpm", prediction_type=kind, learned_variance=True)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 256, (B, 3, 4, 4), generator=g).float() / 127.5 - 1  # 8-bit data, incl. the end bins
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1.0, 1.0
+    t = torch.tensor([0, 0, 1, 37, 600, 999])[:B]
+    x_t = diffusion.add_noise(sched, x0, torch.randn(x0.shape, generator=g), t)
+    out = torch.cat([torch.randn(x0.shape, generator=g), 1.5 * (torch.rand(x0.shape, generator=g) * 2 - 1)], 1)
+    out[:2, :3] = x0[:2] + 0.01 * torch.randn(2, 3, 4, 4, generator=g) if kind == "sample" else out[:2, :3]
+    return sched, out, x0, x_t, t
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_vlb_terms_match_the_papers_formulas(kind):
+    """Per-sample L_t (bits/dim) against an independent float64 computation; the predicted x0 is
+    not clamped (large x0 predictions at high t would change the KL if it were)."""
+    from models import diffusion
+
+    sched, out, x0, x_t, t = vlb_case(kind)
+    ours = diffusion.vlb_terms(sched, out, x0, x_t, t)
+    torch.testing.assert_close(ours.double(), improved_ddpm_vlb_bits(sched, out, x0, x_t, t), rtol=2e-4, atol=1e-5)
+
+
+def test_hybrid_loss_weight_is_improved_ddpms():
+    """L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 and L_vlb = sum over all T
+    timesteps in bits/dim (Improved DDPM: the bits/dim term of one uniform t times T/1000)."""
+    cfg = dataclasses.replace(TINY, learned_variance=True)
+    m = make(cfg).train()
+    assert cfg.vlb_weight == 0.001
+    sched, _, x0, _, _ = vlb_case("epsilon", B=4)
+    x0 = torch.nn.functional.interpolate(x0, size=cfg.image_size, mode="nearest")
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(4, 6, cfg.image_size, cfg.image_size, generator=g)
+    t, noise = torch.tensor([0, 3, 400, 999]), torch.randn(x0.shape, generator=g)
+    m.forward = lambda *args: out.clone().requires_grad_()  # a fixed network output
+    _, zi, _, _ = batch(B=4)
+    loss, metrics = training_loss(m, {"image": x0, "image_emb": zi, "t": t, "noise": noise})
+    a = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    simple = ((out[:, :3].double() - noise.double()) ** 2).mean()
+    expected = simple + 0.001 * 1000 * improved_ddpm_vlb_bits(sched, out, x0, x_t.float(), t).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-6)
+
+
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     m = perturb(make())
     checkpoint.save(m, tmp_path / "dec")
