@@ -25,6 +25,9 @@ cannot change the result:
   get -10000, i.e. weight 0), so a batch of short captions costs ~20 instead of 81 positions;
 - rows are independent, so rows with much shorter captions (e.g. the one-token null caption of
   dropped rows) run as a second, shorter batch (`row_groups`);
+  (these two read the mask's values to choose shapes, so they run on the CPU only: on an
+  accelerator or under torch.compile that read would stall the device, and a full-length masked
+  batch is cheap there)
 - only the final query's output is used and attention is causal, so the last block computes that
   position only, with its keys and values reassociated per head (`_last_block`);
 - blocks are called through their submodules (attention processors set on the transformer are
@@ -209,6 +212,10 @@ class DiffusionPrior(nn.Module):
             text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop_text)
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
+        if not _reads_values_freely(text_mask):
+            # on an accelerator (or under torch.compile), choosing the shapes below from the mask's
+            # values would wait for the device: run every row at full length with the mask instead
+            return self._predict(x_t, t, text_emb, text_states, text_mask, padded=True)
         # Rows are independent, so rows with short captions (e.g. the one-token null caption of
         # dropped rows) can run as their own, shorter batch: exact, masked keys have weight 0.
         lengths = (text_mask * torch.arange(1, c.text_len + 1, device=text_mask.device)).amax(1).clamp(min=1)
@@ -223,8 +230,9 @@ class DiffusionPrior(nn.Module):
         order = torch.tensor([i for rows, _ in groups for i in rows], device=x_t.device)
         return torch.cat(outs)[order.argsort()]
 
-    def _predict(self, x_t, t, text_emb, text_states, text_mask) -> torch.Tensor:
-        """diffusers' PriorTransformer.forward, step by step, on captions cut to n tokens."""
+    def _predict(self, x_t, t, text_emb, text_states, text_mask, padded: bool | None = None) -> torch.Tensor:
+        """diffusers' PriorTransformer.forward, step by step, on captions cut to n tokens.
+        padded: whether text_mask has False entries; None reads it from the mask (a host read)."""
         n = text_states.shape[1]
         if self.text_in is not None:
             text_states = self.text_in(text_states)
@@ -241,7 +249,9 @@ class DiffusionPrior(nn.Module):
             ],
             dim=1,
         )
-        if bool(text_mask.all()):
+        if padded is None:
+            padded = not bool(text_mask.all())
+        if not padded:
             mask = None  # causal only: is_causal=True, the faster flash kernel path
         else:  # diffusers' mask: -10000 on padded keys and above the diagonal
             keys = F.pad(text_mask, (0, 4), value=True)
@@ -348,6 +358,12 @@ class DiffusionPrior(nn.Module):
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
 
+
+
+def _reads_values_freely(t: torch.Tensor) -> bool:
+    """Whether reading t's values on the host costs no device synchronisation and no graph break:
+    a CPU tensor outside torch.compile. Shape decisions from data are made only then."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def row_groups(lengths: list[int], min_saving: float = 0.05) -> list[tuple[list[int], int]]:
