@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -36,6 +37,8 @@ from torch import nn
 
 from . import diffusion
 from .checkpoint import CheckpointError, migration, register
+from .diffusers_blocks import (WRITTEN_FOR, UnexpectedDiffusersBlock, equals, expect_block, is_conv, is_none_or, is_type,
+                               parameter_names)
 from .objective import Field, bernoulli, check_batch, detached, unwrap
 
 
@@ -174,18 +177,28 @@ class _ResnetBlock(ResnetBlock2D):
     resampling, output scale 1), computed with less work. Installed by swapping the class of
     diffusers' blocks (`fast_blocks`), so parameter names, save_pretrained and loading are unchanged."""
 
-    @staticmethod
-    def applies(block: nn.Module) -> bool:
-        return (type(block) is ResnetBlock2D and block.time_embedding_norm == "scale_shift"
-                and block.output_scale_factor == 1.0 and block.time_emb_proj is not None and not block.skip_time_act
-                and (block.upsample is None or (isinstance(block.upsample, Upsample2D) and not block.upsample.use_conv
-                                                and not block.upsample.use_conv_transpose and block.upsample.norm is None
-                                                and block.upsample.interpolate))
-                and (block.downsample is None or (isinstance(block.downsample, Downsample2D) and not block.downsample.use_conv
-                                                  and block.downsample.norm is None))
-                and isinstance(block.nonlinearity, nn.SiLU))
+    # what forward relies on: diffusers_blocks.expect_block refuses any other block
+    CHECKS = {
+        "time_embedding_norm": equals("scale_shift"),
+        "output_scale_factor": equals(1.0),
+        "skip_time_act": equals(False),
+        "norm1": lambda m: type(m) is nn.GroupNorm and m.affine,
+        "norm2": lambda m: type(m) is nn.GroupNorm and m.affine,
+        "conv1": is_conv(3),
+        "conv2": is_conv(3),
+        "time_emb_proj": is_type(nn.Linear),
+        "nonlinearity": is_type(nn.SiLU),
+        "dropout": is_type(nn.Dropout),
+        "conv_shortcut": is_none_or(is_conv(1)),
+        "upsample": is_none_or(lambda m: type(m) is Upsample2D and not m.use_conv and not m.use_conv_transpose
+                               and m.norm is None and m.interpolate),
+        "downsample": is_none_or(lambda m: type(m) is Downsample2D and not m.use_conv and m.norm is None),
+    }
+    CHILDREN = {"norm1", "conv1", "time_emb_proj", "norm2", "dropout", "conv2", "nonlinearity", "upsample",
+                "downsample", "conv_shortcut"}
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = input_tensor
         h = F.silu(self.norm1(x))
         if self.upsample is not None:
             h = upsample_conv3x3(h, self.conv1.weight, self.conv1.bias)
@@ -210,10 +223,23 @@ class _ResnetBlock(ResnetBlock2D):
 
 
 def fast_blocks(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Swap diffusers' blocks of `unet` for the faster equivalents above (in place)."""
-    for m in unet.modules():
-        if _ResnetBlock.applies(m):
-            m.__class__ = _ResnetBlock
+    """Replace every ResnetBlock2D of `unet` by `_ResnetBlock` (in place, by swapping the class).
+    All or nothing: a block that is not the one `_ResnetBlock` was written for raises
+    UnexpectedDiffusersBlock (with the installed diffusers version), before any block is swapped."""
+    blocks = [(name, m) for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    if not blocks:
+        raise UnexpectedDiffusersBlock(f"models.decoder.fast_blocks found no ResnetBlock2D in the U-Net (diffusers {diffusers.__version__})")
+    if parameter_names(ResnetBlock2D.forward)[:3] != ["self", "input_tensor", "temb"]:
+        raise UnexpectedDiffusersBlock(
+            f"diffusers {diffusers.__version__}'s ResnetBlock2D.forward takes {parameter_names(ResnetBlock2D.forward)}; "
+            f"models.decoder._ResnetBlock was written for (self, input_tensor, temb) (diffusers {WRITTEN_FOR})")
+    for name, m in blocks:
+        if type(m) not in (ResnetBlock2D, _ResnetBlock):
+            raise UnexpectedDiffusersBlock(f"unet.{name} is a {type(m).__name__}, a subclass of ResnetBlock2D that "
+                                           "models.decoder.fast_blocks does not know")
+        expect_block(m, f"unet.{name}", "models.decoder._ResnetBlock", _ResnetBlock.CHECKS, _ResnetBlock.CHILDREN)
+    for _, m in blocks:
+        m.__class__ = _ResnetBlock
     return unet
 
 

@@ -32,7 +32,8 @@ cannot change the result:
   position only, with its keys and values reassociated per head (`_last_block`);
 - blocks are called through their submodules (attention processors set on the transformer are
   not used; no generic per-call checks; causal-only attention for batches without padding, the
-  faster kernel path; residual adds in place).
+  faster kernel path; residual adds in place). `check_transformer` refuses, naming the diffusers
+  version, a PriorTransformer whose blocks are not the ones this was written for.
 The null caption is, like Karlo's empty-caption unconditional, short: learned token states of which
 only the first `null_text_mask` positions are visible (one by default).
 
@@ -48,11 +49,15 @@ from pathlib import Path
 
 import torch
 from diffusers import PriorTransformer
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 from torch.nn import functional as F
 
 from models import diffusion
 from models.checkpoint import migration, register
+from models.diffusers_blocks import WRITTEN_FOR, UnexpectedDiffusersBlock, equals, expect_block, is_none_or, is_type
 from models.objective import Field, bernoulli, check_batch, detached, unwrap
 
 SAMPLERS = ("ddpm", "ddim")
@@ -154,6 +159,7 @@ class DiffusionPrior(nn.Module):
             with torch.no_grad():
                 transformer.clip_mean.zero_()
                 transformer.clip_std.fill_(1.0 / math.sqrt(c.embed_dim))
+        check_transformer(transformer)
         self.transformer = transformer
         # Normalisation statistics are data statistics, not trained weights.
         transformer.clip_mean.requires_grad_(False)
@@ -358,6 +364,65 @@ class DiffusionPrior(nn.Module):
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
 
+
+
+# What _predict, _block and _last_block rely on (diffusers_blocks.expect_block refuses anything else)
+_TRANSFORMER_CHECKS = {
+    "time_proj": is_type(Timesteps),
+    "time_embedding": is_type(TimestepEmbedding),
+    "proj_in": is_type(nn.Linear),
+    "embedding_proj": is_type(nn.Linear),
+    "encoder_hidden_states_proj": is_type(nn.Linear),
+    "embedding_proj_norm": equals(None),
+    "norm_in": is_none_or(is_type(nn.LayerNorm)),
+    "norm_out": is_type(nn.LayerNorm),
+    "proj_to_clip_embeddings": is_type(nn.Linear),
+    "positional_embedding": lambda p: p.ndim == 3,
+    "prd_embedding": lambda p: p.ndim == 3 and p.shape[1] == 1,
+    "causal_attention_mask": lambda m: m.ndim == 3,
+    "transformer_blocks": is_type(nn.ModuleList),
+}
+_TRANSFORMER_CHILDREN = {"time_proj", "time_embedding", "proj_in", "embedding_proj", "encoder_hidden_states_proj",
+                         "norm_in", "transformer_blocks", "norm_out", "proj_to_clip_embeddings"}
+_BLOCK_CHECKS = {
+    "norm_type": equals("layer_norm"),
+    "only_cross_attention": equals(False),
+    "pos_embed": equals(None),
+    "attn2": equals(None),
+    "_chunk_size": equals(None),
+    "norm1": is_type(nn.LayerNorm),
+    "norm3": is_type(nn.LayerNorm),
+    "ff": is_type(FeedForward),
+    # an Attention whose scale is scaled_dot_product_attention's default, 1/sqrt(head width)
+    "attn1": lambda a: type(a) is Attention and abs(a.scale - (a.to_q.out_features // a.heads) ** -0.5) < 1e-12,
+    "attn1.is_cross_attention": equals(False),
+    "attn1.residual_connection": equals(False),
+    "attn1.rescale_output_factor": equals(1.0),
+    "attn1.norm_q": equals(None),
+    "attn1.norm_k": equals(None),
+    "attn1.group_norm": equals(None),
+    "attn1.spatial_norm": equals(None),
+    "attn1.norm_cross": equals(None),
+    "attn1.to_q": is_type(nn.Linear),
+    "attn1.to_k": is_type(nn.Linear),
+    "attn1.to_v": is_type(nn.Linear),
+    "attn1.to_out": lambda m: len(m) == 2 and type(m[0]) is nn.Linear and type(m[1]) is nn.Dropout,
+}
+_BLOCK_CHILDREN = {"norm1", "attn1", "norm3", "ff"}
+_ATTENTION_CHILDREN = {"to_q", "to_k", "to_v", "to_out"}
+
+
+def check_transformer(transformer: PriorTransformer) -> None:
+    """Raise UnexpectedDiffusersBlock (with the diffusers version) unless `transformer` and its
+    blocks are what DiffusionPrior's forward, which runs their submodules directly, was written for."""
+    where = "models.prior.DiffusionPrior.forward"
+    expect_block(transformer, "transformer", where, _TRANSFORMER_CHECKS, _TRANSFORMER_CHILDREN)
+    for i, block in enumerate(transformer.transformer_blocks):
+        if type(block) is not BasicTransformerBlock:
+            raise UnexpectedDiffusersBlock(f"transformer.transformer_blocks.{i} is a {type(block).__name__}; {where} "
+                                           f"was written for diffusers {WRITTEN_FOR}'s BasicTransformerBlock")
+        expect_block(block, f"transformer.transformer_blocks.{i}", where, _BLOCK_CHECKS, _BLOCK_CHILDREN)
+        expect_block(block.attn1, f"transformer.transformer_blocks.{i}.attn1", where, {}, _ATTENTION_CHILDREN)
 
 
 def _reads_values_freely(t: torch.Tensor) -> bool:

@@ -73,3 +73,53 @@ def test_torch_compile_forward_backward_matches_eager():
         assert eager_grads.keys() == compiled_grads.keys()
         for name, grad in eager_grads.items():
             torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-3, msg=f"{kind}: {name}")
+
+
+def test_fast_blocks_replace_all_or_fail_loudly():
+    """decoder.fast_blocks swaps every diffusers ResnetBlock2D, or none and says why (with the
+    installed diffusers version) when a block is not the one its fast forward was written for."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from models.decoder import SIZES, _ResnetBlock, fast_blocks, unet_kwargs
+    from models.diffusers_blocks import UnexpectedDiffusersBlock
+
+    kwargs = unet_kwargs(SIZES["tiny"])
+    unet = fast_blocks(UNet2DConditionModel(**kwargs))
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert resnets and all(type(m) is _ResnetBlock for m in resnets)
+
+    # a setting the fast forward does not implement ("default" time embedding: add, not scale-shift)
+    other = UNet2DConditionModel(**{**kwargs, "resnet_time_scale_shift": "default"})
+    with pytest.raises(UnexpectedDiffusersBlock, match=f"installed diffusers \\({diffusers.__version__}\\).*time_embedding_norm = 'default'"):
+        fast_blocks(other)
+    assert not any(type(m) is _ResnetBlock for m in other.modules())  # nothing half-swapped
+
+    # a submodule the fast forward would skip (as a new diffusers feature would add)
+    unet = UNet2DConditionModel(**kwargs)
+    last = [m for m in unet.modules() if type(m) is ResnetBlock2D][-1]
+    last.norm_extra = torch.nn.Identity()
+    with pytest.raises(UnexpectedDiffusersBlock, match="norm_extra"):
+        fast_blocks(unet)
+    assert not any(type(m) is _ResnetBlock for m in unet.modules())
+
+
+@pytest.mark.parametrize("change", ["residual", "extra", "norm_type"])
+def test_prior_refuses_a_transformer_its_forward_was_not_written_for(change):
+    import diffusers
+
+    from models.diffusers_blocks import UnexpectedDiffusersBlock
+    from models.prior import DiffusionPrior
+
+    prior = sizes.build("prior", "tiny")
+    transformer = prior.transformer
+    block = transformer.transformer_blocks[1]
+    if change == "residual":
+        block.attn1.residual_connection = True
+    elif change == "extra":
+        block.attn1.norm_added = torch.nn.LayerNorm(4)
+    else:
+        block.norm_type = "ada_norm"
+    with pytest.raises(UnexpectedDiffusersBlock, match=f"transformer_blocks.1.*installed diffusers \\({diffusers.__version__}\\)"):
+        DiffusionPrior(prior.config, transformer=transformer)
