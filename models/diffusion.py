@@ -262,8 +262,13 @@ def sample(
         if is_ddim:
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             x = ddim_step(scheduler, out[:, : x.shape[1]], t, t_next, x, eta=eta, generator=generator)  # no use for a learned variance
-        else:
+        elif i + 1 < len(timesteps):
             x = scheduler.step(out, t, x, generator=generator).prev_sample
+        else:
+            # the last step lands on abar = 1, where the posterior has no variance: its mean is the
+            # predicted x0. DDPMScheduler adds noise whenever t > 0 (it expects to end at t = 0, not
+            # at trailing spacing's t = T/steps - 1), and a learned variance would make it large.
+            x = scheduler.step(out, t, x, generator=generator).pred_original_sample
     return x
 
 

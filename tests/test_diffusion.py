@@ -157,6 +157,23 @@ def test_ddim_eta_one_is_ddpm(steps):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_ddpm_last_step_lands_on_the_clean_mean():
+    """The last step goes to abar = 1, where the posterior has no variance: no noise is added
+    there, even by a learned variance asking for the most (v = 1; diffusers' DDPMScheduler adds
+    noise whenever t > 0, and trailing spacing's last t is T/steps - 1)."""
+    sched = D.make_scheduler("ddpm", learned_variance=True)
+    seen = []
+
+    def model(x, t, conditional=True):  # eps = 0, v = 1
+        seen.append((x, int(t[0])))
+        return torch.cat([torch.zeros_like(x), torch.ones_like(x)], 1)
+
+    out = D.sample(model, sched, (4, 2), 3, generator=torch.Generator().manual_seed(0))
+    x_last, t_last = seen[-1]
+    assert t_last == 332
+    torch.testing.assert_close(out, x_last / sched.alphas_cumprod[t_last].sqrt())
+
+
 def test_guidance_scale_one_is_conditional_and_combination_form():
     calls = []
 
