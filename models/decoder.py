@@ -22,7 +22,7 @@ samplers in diffusion.py call.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import diffusers
@@ -59,6 +59,9 @@ class DecoderConfig:
     # classifier-free guidance dropout (paper: 10% image embedding, 50% caption)
     image_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    # tokens of the null caption (a dropped or absent caption): 1 learned token by default; an
+    # encoded empty caption (Karlo's unconditional branch, `set_null_condition`) has its own count
+    null_text_len: int = 1
     # diffusion
     prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
     schedule: str = "cosine"
@@ -83,6 +86,8 @@ class DecoderConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r}; allowed: {diffusion.PREDICTION_TYPES}")
         if self.schedule not in diffusion.SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
+        if self.null_text_len < 1:
+            raise ValueError(f"null_text_len={self.null_text_len} must be >= 1")
         for name in ("image_drop_prob", "text_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
@@ -269,6 +274,13 @@ class TextProj(nn.Module):
         return torch.cat([extra, states], dim=1), time_add
 
 
+def _null_states_as_tokens(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before null_text_len existed hold the one null token as (text_dim,)."""
+    key = prefix + "null_text_states"
+    if key in state_dict and state_dict[key].dim() == 1:
+        state_dict[key] = state_dict[key][None]
+
+
 def _where(drop: torch.Tensor, null: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Rows of `value` where drop is False, the null embedding (broadcast) where it is True."""
     drop = drop.view(-1, *[1] * (value.dim() - 1))
@@ -287,7 +299,8 @@ class Decoder(nn.Module):
                                   config.clip_extra_context_tokens, config.text_dim)
         # learned null caption (diffusers' text_proj has only the null image embedding)
         self.null_text_emb = nn.Parameter(torch.zeros(config.embed_dim))
-        self.null_text_states = nn.Parameter(torch.zeros(config.text_dim))
+        self.null_text_states = nn.Parameter(torch.zeros(config.null_text_len, config.text_dim))
+        self.register_load_state_dict_pre_hook(_null_states_as_tokens)
         self.training_scheduler = self.scheduler("ddpm")  # q(x_t | x0) for the objective
 
     # -- network ---------------------------------------------------------------------------------
@@ -297,34 +310,36 @@ class Decoder(nn.Module):
 
         image_emb/text_emb: (B, embed_dim); text_states: (B, L, text_dim) with optional bool text_mask
         (B, L), True = real token. A missing caption means the null caption. drop_image/drop_text:
-        bool (B,) rows to replace by the learned null embeddings (classifier-free guidance).
+        bool (B,) rows to replace by the null image embedding / null caption (classifier-free
+        guidance): learned, or Karlo's encoded empty caption after `set_null_condition`.
         """
         cfg = self.config
         B = x.shape[0]
         if image_emb.shape != (B, cfg.embed_dim):
             raise ValueError(f"image_emb has shape {tuple(image_emb.shape)}, expected {(B, cfg.embed_dim)}")
-        no_text = text_emb is None and text_states is None
+        if text_emb is None and text_states is None:
+            drop_text = None  # no caption: the null caption, all of it visible
         if text_emb is None:
             text_emb = self.null_text_emb.expand(B, -1)
         if text_states is None:
-            text_states = self.null_text_states.expand(B, 1, -1)
-            text_mask = None
+            text_states, text_mask = self.null_text_states.expand(B, -1, -1), None
         if text_emb.shape != (B, cfg.embed_dim):
             raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(B, cfg.embed_dim)}")
         if text_states.dim() != 3 or text_states.shape[0] != B or text_states.shape[2] != cfg.text_dim:
             raise ValueError(f"text_states has shape {tuple(text_states.shape)}, expected (B={B}, L, text_dim={cfg.text_dim})")
         if drop_image is not None:
             image_emb = _where(drop_image, self.text_proj.learned_classifier_free_guidance_embeddings, image_emb)
-        if drop_text is not None and not no_text:
+        if drop_text is not None:
+            # a dropped caption is the null caption with only its own tokens visible, whatever the
+            # batch's caption length, so the unconditional branch is decoding with no caption at all
+            n = cfg.null_text_len
+            L = max(text_states.shape[1], n)
+            keep = torch.ones(B, text_states.shape[1], dtype=torch.bool, device=x.device) if text_mask is None else text_mask.bool()
+            text_states, keep = F.pad(text_states, (0, 0, 0, L - text_states.shape[1])), F.pad(keep, (0, L - keep.shape[1]))
+            null_states = F.pad(self.null_text_states.to(text_states.dtype), (0, 0, 0, L - n))
             text_emb = _where(drop_text, self.null_text_emb, text_emb)
-            text_states = _where(drop_text, self.null_text_states, text_states)
-            # a dropped caption is one visible null token, whatever the batch's caption length,
-            # so the unconditional branch is the same as decoding with no caption at all
-            L = text_states.shape[1]
-            first = torch.zeros(L, dtype=torch.bool, device=x.device)
-            first[0] = True
-            keep = torch.ones(B, L, dtype=torch.bool, device=x.device) if text_mask is None else text_mask.bool()
-            text_mask = torch.where(drop_text.view(-1, 1), first.expand(B, L), keep)
+            text_states = _where(drop_text, null_states, text_states)
+            text_mask = torch.where(drop_text.view(-1, 1), (torch.arange(L, device=x.device) < n).expand(B, L), keep)
         context, time_add = self.text_proj(image_emb, text_emb, text_states)
         mask = None
         if text_mask is not None:
@@ -332,6 +347,26 @@ class Decoder(nn.Module):
                 raise ValueError(f"text_mask has shape {tuple(text_mask.shape)}, expected {tuple(text_states.shape[:2])}")
             mask = F.pad(text_mask.bool(), (cfg.clip_extra_context_tokens, 0), value=True)
         return self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
+
+    @torch.no_grad()
+    def set_null_condition(self, text_emb: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor | None = None):
+        """Make the null caption an encoded empty caption (z_t (embed_dim,), token states (L,
+        text_dim), mask (L,)): Karlo's unconditional branch, which uses the empty caption's
+        encoding, not learned nulls. Its visible tokens become the null caption's tokens (the
+        parameter is re-made when their count changes: call this before building an optimizer)."""
+        states = text_states.reshape(-1, self.config.text_dim)
+        if text_mask is not None:
+            mask = text_mask.reshape(-1).bool()
+            n = int(mask.sum())
+            if n < 1 or not bool(mask[:n].all()):
+                raise ValueError("text_mask must mark a non-empty prefix of the tokens (e.g. start and end token)")
+            states = states[:n]
+        param = self.null_text_states
+        if states.shape != param.shape:
+            self.null_text_states = nn.Parameter(param.new_empty(states.shape))
+            self.config = replace(self.config, null_text_len=states.shape[0])
+        self.null_text_states.copy_(states)
+        self.null_text_emb.copy_(text_emb.reshape(-1))
 
     # -- schedulers ------------------------------------------------------------------------------
 
@@ -397,8 +432,9 @@ class Decoder(nn.Module):
         """Build from a `save_pretrained` UNet2DConditionModel directory (e.g. Karlo's `decoder/`)
         and, optionally, the matching `text_proj/` directory. `overrides` set DecoderConfig fields
         that diffusers does not store (embed_dim, text_dim when there is no text_proj, dropout rates...).
-        The null-caption parameters are not in diffusers and start at zero; to reproduce Karlo's
-        unconditional branch set them from the text encoder's encoding of an empty caption."""
+        The null caption is not in diffusers and starts at zero; to reproduce Karlo's unconditional
+        branch (UnCLIPPipeline: the empty caption's encoding) call `set_null_condition` with the
+        text encoder's unnormalised encoding of "" (models.unclip.UnCLIP.use_empty_caption_as_null)."""
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
         uc = unet.config
         n = len(uc.block_out_channels)

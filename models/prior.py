@@ -43,12 +43,13 @@ Guidance convention (diffusers', Karlo's): x0 = uncond + s * (cond - uncond)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import PriorTransformer
+from diffusers import PriorTransformer, SchedulerMixin
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -76,7 +77,8 @@ class PriorConfig:
     text_drop_prob: float = 0.1  # paper: text conditioning dropped 10% of the time
     num_train_timesteps: int = 1000
     schedule: str = "cosine"  # noise schedule (models.diffusion.SCHEDULES); cosine as paper, Karlo
-    clip_sample: float | None = None  # clamp predicted latents to [-c, c] when sampling; None: off
+    clip_sample: float | None = None  # clamp predicted latents to [-c, c] when sampling; None: off (Karlo: 5)
+    normalize: bool = True  # L2-normalise sampled z_i: our embeddings are unit vectors; Karlo's are not
 
     def __post_init__(self):
         for name in ("embed_dim", "text_dim", "text_len", "num_heads", "head_dim", "num_layers", "num_train_timesteps"):
@@ -301,11 +303,13 @@ class DiffusionPrior(nn.Module):
         candidates: int = 2,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
     ) -> torch.Tensor:
         """Draw z_i [B, D] for each caption; of `candidates` draws keep the one with the highest
-        dot product with z_t (paper section 2.2). normalize: L2-normalise the result (our data
-        contract; switch off for Karlo, whose decoder takes unnormalised embeddings)."""
+        dot product with z_t (paper section 2.2). normalize: L2-normalise the result; default the
+        config's (on for our unit-norm data contract; off for Karlo weights, whose decoder takes
+        unnormalised embeddings)."""
+        normalize = self.config.normalize if normalize is None else normalize
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         b = text_emb.shape[0]
@@ -325,12 +329,22 @@ class DiffusionPrior(nn.Module):
 
     # ----- diffusers interop -----
     @classmethod
-    def from_diffusers(cls, source: str | Path | PriorTransformer, text_dim: int | None = None, **overrides) -> "DiffusionPrior":
+    def from_diffusers(cls, source: str | Path | PriorTransformer, text_dim: int | None = None,
+                       scheduler: str | Path | SchedulerMixin | None = None, **overrides) -> "DiffusionPrior":
         """Wrap a diffusers PriorTransformer (a module or a `save_pretrained` directory).
 
         Only the layout diffusers uses for unCLIP is accepted: 4 additional embeddings with the
         final "prd" query token. A PriorTransformer whose clip_std was never set (all zeros, the
-        diffusers init) gets our default scaling 1/sqrt(embed_dim)."""
+        diffusers init) gets our default scaling 1/sqrt(embed_dim).
+
+        scheduler: the scheduler it was trained with (a scheduler or its `save_pretrained`
+        directory, e.g. Karlo's `prior_scheduler/`): sets the schedule and the x0 clamp (Karlo's
+        UnCLIPScheduler clamps predicted latents to +-5). Sampled z_i are not L2-normalised
+        (`normalize=False`): diffusers' unCLIP embeddings are the unnormalised CLIP projections,
+        and so must the text embeddings given to it be, with its null condition set from an
+        encoded empty caption (`set_null_condition`), as diffusers' UnCLIPPipeline does.
+        `overrides` set any PriorConfig field (e.g. normalize=True to fine-tune on our data)."""
+        overrides = {"normalize": False, **_scheduler_fields(scheduler), **overrides}
         transformer = source if isinstance(source, PriorTransformer) else PriorTransformer.from_pretrained(str(source))
         d = transformer.config
         if d.additional_embeddings != 4 or d.added_emb_type != "prd" or d.encoder_hid_proj_type != "linear":
@@ -364,6 +378,28 @@ class DiffusionPrior(nn.Module):
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
 
+
+
+def _scheduler_fields(scheduler) -> dict:
+    """PriorConfig fields from a diffusers scheduler (or its save_pretrained directory)."""
+    if scheduler is None:
+        return {}
+    if isinstance(scheduler, (str, Path)):
+        path = Path(scheduler) / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass the scheduler's save_pretrained directory (e.g. Karlo's prior_scheduler/)")
+        cfg = json.loads(path.read_text())
+    else:
+        cfg = dict(scheduler.config)
+    schedules = {v: k for k, v in diffusion.SCHEDULES.items()}
+    if cfg.get("prediction_type", "epsilon") != "sample":
+        raise ValueError(f"scheduler prediction_type={cfg.get('prediction_type')!r}; the diffusion prior predicts x0 ('sample')")
+    if cfg.get("beta_schedule") not in schedules:
+        raise ValueError(f"scheduler beta_schedule={cfg.get('beta_schedule')!r}; supported: {sorted(schedules)}")
+    clip = cfg.get("clip_sample", True)  # UnCLIPScheduler's and DDPMScheduler's default
+    return dict(schedule=schedules[cfg["beta_schedule"]],
+                num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                clip_sample=float(cfg.get("clip_sample_range", 1.0)) if clip else None)
 
 
 # What _predict, _block and _last_block rely on (diffusers_blocks.expect_block refuses anything else)

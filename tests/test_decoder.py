@@ -114,7 +114,7 @@ def test_dropped_rows_use_the_learned_nulls():
     dropped = m(x, t, zi, zt, states, drop_image=yes, drop_text=no)
     torch.testing.assert_close(dropped, m(x, t, null_i, zt, states))
     both = m(x, t, zi, zt, states, drop_image=yes, drop_text=yes)
-    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, 1, -1))
+    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, -1, -1))
     torch.testing.assert_close(both, nulls)
     torch.testing.assert_close(both, m(x, t, null_i))  # dropped caption == no caption
     mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)  # padding does not change the null branch
@@ -377,3 +377,63 @@ def test_fast_blocks_match_diffusers_forward_and_gradients(cfg):
     grads = dict(ref.named_parameters())
     for name, p in m.unet.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+def test_karlo_layout_samples_as_diffusers_unclip_pipeline(tmp_path):
+    """Karlo-style decoder/ + text_proj/ directories (tiny, diffusers' save_pretrained) with the
+    empty caption's encoding as the null caption: our guided DDPM sampling equals the decoder half
+    of diffusers' UnCLIPPipeline written out with diffusers' components (UnCLIPTextProjModel with
+    classifier-free guidance, UNet2DConditionModel, UnCLIPScheduler with learned_range), on the
+    same timesteps and noise draws."""
+    from diffusers import UNet2DConditionModel, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    from models.decoder import unet_kwargs
+
+    cfg = dataclasses.replace(TINY, learned_variance=True)
+    torch.manual_seed(3)
+    unet = perturb(UNet2DConditionModel(**unet_kwargs(cfg))).eval()
+    proj = perturb(UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=cfg.embed_dim,
+                                       time_embed_dim=cfg.time_embed_dim, cross_attention_dim=cfg.cross_attention_dim)).eval()
+    unet.save_pretrained(tmp_path / "decoder")
+    proj.save_pretrained(tmp_path / "text_proj")
+    m = Decoder.from_diffusers(tmp_path / "decoder", tmp_path / "text_proj").eval()
+    _, zi, zt, states = batch(B=2, L=6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    empty_emb, empty_states, empty_mask = torch.randn(cfg.embed_dim, generator=g), torch.randn(6, cfg.text_dim, generator=g), torch.arange(6) < 2
+    m.set_null_condition(empty_emb, empty_states, empty_mask)
+    assert m.config.null_text_len == 2
+    steps, scale = 3, 3.0
+
+    karlo = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon", num_train_timesteps=1000)
+    # in float64: at t = 999 its alpha = 1 - beta loses all float32 digits (beta ~ 1 - 1e-8)
+    karlo.alphas_cumprod, karlo.one = karlo.alphas_cumprod.double(), karlo.one.double()
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=gen)
+    with torch.no_grad():
+        ctx, add = proj(image_embeddings=zi, prompt_embeds=torch.cat([empty_emb.expand(2, -1), zt]),
+                        text_encoder_hidden_states=torch.cat([empty_states.expand(2, -1, -1), states]),
+                        do_classifier_free_guidance=True)
+        attn = torch.nn.functional.pad(torch.cat([empty_mask.expand(2, -1), mask]), (4, 0), value=True)
+        ts = [round(1000 - i * 1000 / steps) - 1 for i in range(steps)]
+        for i, t in enumerate(ts):
+            uncond, cond = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample.chunk(2)
+            eps = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
+            step = karlo.step(torch.cat([eps, cond[:, 3:]], 1), t, x, prev_timestep=prev, generator=gen)
+            # diffusers' pipeline ends at t = 0, where UnCLIPScheduler adds no noise; here the last
+            # step is at t > 0 and lands on abar = 1, whose noise-free mean is the clamped x0
+            x = step.prev_sample if prev >= 0 else step.pred_original_sample
+    expected = x.float().clamp(-1, 1)
+    ours = m.sample(zi, zt, states, mask, steps=steps, sampler="ddpm", guidance_scale=scale, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+    # the null caption travels with the checkpoint; one written before null_text_len existed loads too
+    checkpoint.save(m, tmp_path / "ours")
+    again = checkpoint.load(tmp_path / "ours").eval()
+    assert again.config.null_text_len == 2 and torch.equal(again.null_text_states, m.null_text_states)
+    old = make()
+    state = {k: (v[0] if k == "null_text_states" else v) for k, v in perturb(make()).state_dict().items()}
+    old.load_state_dict(state)
+    assert torch.equal(old.null_text_states[0], state["null_text_states"])
