@@ -70,7 +70,7 @@ def test_sizes_and_attention_placement():
 
 
 def test_text_proj_matches_diffusers_reference():
-    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    import diffusers.pipelines.deprecated.unclip.text_proj as mod  # diffusers is pinned: no skip
     ref = mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=24, time_embed_dim=32, cross_attention_dim=16)
     ours = TextProj(24, 32, 16, 4)
     perturb(ref)
@@ -277,7 +277,7 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path):
 
     from models.decoder import unet_kwargs
 
-    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    import diffusers.pipelines.deprecated.unclip.text_proj as mod  # diffusers is pinned: no skip
     torch.manual_seed(3)
     unet = perturb(UNet2DConditionModel(**unet_kwargs(TINY))).eval()
     proj = perturb(mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=TINY.embed_dim,
