@@ -209,7 +209,8 @@ class ARPrior(nn.Module):
         L = h.shape[1]
         h = h + self.pos_embed[:L]
         pad = F.pad(~text_mask, (1, L - 1 - c.text_len), value=False)  # keys that are padding
-        h = self.blocks(h, mask=self.causal_mask[:L, :L], src_key_padding_mask=pad)
+        # is_causal=True: left to detect it, nn.TransformerEncoder compares the mask on the host (a device sync)
+        h = self.blocks(h, mask=self.causal_mask[:L, :L], src_key_padding_mask=pad, is_causal=True)
         return self.head(self.norm_out(h[:, 1 + c.text_len :]))
 
     # ----- sampling -----

@@ -230,8 +230,10 @@ class ClipEncoder(torch.nn.Module):
         return self.tokenizer.decode(ids).strip()
 
     @torch.no_grad()
-    def encode_text_with_hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit-norm text embedding (B, embed_dim), final-LayerNorm hidden states (B, L, text_width)).
+    def encode_text_with_hidden(self, tokens: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text embedding (B, embed_dim), final-LayerNorm hidden states (B, L, text_width)); the
+        embedding is unit-norm, or with normalize=False the raw projection (what Karlo's prior and
+        decoder take: diffusers' CLIPTextModelWithProjection `text_embeds`).
 
         Follows open_clip's `CLIP.encode_text`: token + positional embedding, causal transformer,
         `ln_final`; the embedding is the pooled (argmax = end token) state times `text_projection`.
@@ -250,7 +252,8 @@ class ClipEncoder(torch.nn.Module):
         else:
             raise ClipError(f"per-token text states are not supported for {type(m).__name__} text towers "
                             "(supported: open_clip CLIP and CustomTextCLIP with a TextTransformer)")
-        return F.normalize(pooled.float(), dim=-1), hidden.float()
+        pooled = pooled.float()
+        return (F.normalize(pooled, dim=-1) if normalize else pooled), hidden.float()
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,10 @@ samplers in diffusion.py call.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -36,6 +37,8 @@ from torch import nn
 
 from . import diffusion
 from .checkpoint import CheckpointError, migration, register
+from .diffusers_blocks import (WRITTEN_FOR, UnexpectedDiffusersBlock, equals, expect_block, is_conv, is_none_or, is_type,
+                               parameter_names)
 from .objective import Field, bernoulli, check_batch, detached, unwrap
 
 
@@ -56,12 +59,15 @@ class DecoderConfig:
     # classifier-free guidance dropout (paper: 10% image embedding, 50% caption)
     image_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+    # tokens of the null caption (a dropped or absent caption): 1 learned token by default; an
+    # encoded empty caption (Karlo's unconditional branch, `set_null_condition`) has its own count
+    null_text_len: int = 1
     # diffusion
     prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
     schedule: str = "cosine"
     num_train_timesteps: int = 1000
     learned_variance: bool = False  # off by default: the first NaN source under AMP
-    vlb_weight: float = 0.001  # Improved-DDPM hybrid loss weight, used only with learned variance
+    vlb_weight: float = 0.001  # Improved DDPM's lambda on L_vlb (summed over t, bits/dim); learned variance only
 
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)
@@ -80,6 +86,8 @@ class DecoderConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r}; allowed: {diffusion.PREDICTION_TYPES}")
         if self.schedule not in diffusion.SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
+        if self.null_text_len < 1:
+            raise ValueError(f"null_text_len={self.null_text_len} must be >= 1")
         for name in ("image_drop_prob", "text_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
@@ -174,18 +182,28 @@ class _ResnetBlock(ResnetBlock2D):
     resampling, output scale 1), computed with less work. Installed by swapping the class of
     diffusers' blocks (`fast_blocks`), so parameter names, save_pretrained and loading are unchanged."""
 
-    @staticmethod
-    def applies(block: nn.Module) -> bool:
-        return (type(block) is ResnetBlock2D and block.time_embedding_norm == "scale_shift"
-                and block.output_scale_factor == 1.0 and block.time_emb_proj is not None and not block.skip_time_act
-                and (block.upsample is None or (isinstance(block.upsample, Upsample2D) and not block.upsample.use_conv
-                                                and not block.upsample.use_conv_transpose and block.upsample.norm is None
-                                                and block.upsample.interpolate))
-                and (block.downsample is None or (isinstance(block.downsample, Downsample2D) and not block.downsample.use_conv
-                                                  and block.downsample.norm is None))
-                and isinstance(block.nonlinearity, nn.SiLU))
+    # what forward relies on: diffusers_blocks.expect_block refuses any other block
+    CHECKS = {
+        "time_embedding_norm": equals("scale_shift"),
+        "output_scale_factor": equals(1.0),
+        "skip_time_act": equals(False),
+        "norm1": lambda m: type(m) is nn.GroupNorm and m.affine,
+        "norm2": lambda m: type(m) is nn.GroupNorm and m.affine,
+        "conv1": is_conv(3),
+        "conv2": is_conv(3),
+        "time_emb_proj": is_type(nn.Linear),
+        "nonlinearity": is_type(nn.SiLU),
+        "dropout": is_type(nn.Dropout),
+        "conv_shortcut": is_none_or(is_conv(1)),
+        "upsample": is_none_or(lambda m: type(m) is Upsample2D and not m.use_conv and not m.use_conv_transpose
+                               and m.norm is None and m.interpolate),
+        "downsample": is_none_or(lambda m: type(m) is Downsample2D and not m.use_conv and m.norm is None),
+    }
+    CHILDREN = {"norm1", "conv1", "time_emb_proj", "norm2", "dropout", "conv2", "nonlinearity", "upsample",
+                "downsample", "conv_shortcut"}
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = input_tensor
         h = F.silu(self.norm1(x))
         if self.upsample is not None:
             h = upsample_conv3x3(h, self.conv1.weight, self.conv1.bias)
@@ -210,10 +228,23 @@ class _ResnetBlock(ResnetBlock2D):
 
 
 def fast_blocks(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Swap diffusers' blocks of `unet` for the faster equivalents above (in place)."""
-    for m in unet.modules():
-        if _ResnetBlock.applies(m):
-            m.__class__ = _ResnetBlock
+    """Replace every ResnetBlock2D of `unet` by `_ResnetBlock` (in place, by swapping the class).
+    All or nothing: a block that is not the one `_ResnetBlock` was written for raises
+    UnexpectedDiffusersBlock (with the installed diffusers version), before any block is swapped."""
+    blocks = [(name, m) for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    if not blocks:
+        raise UnexpectedDiffusersBlock(f"models.decoder.fast_blocks found no ResnetBlock2D in the U-Net (diffusers {diffusers.__version__})")
+    if parameter_names(ResnetBlock2D.forward)[:3] != ["self", "input_tensor", "temb"]:
+        raise UnexpectedDiffusersBlock(
+            f"diffusers {diffusers.__version__}'s ResnetBlock2D.forward takes {parameter_names(ResnetBlock2D.forward)}; "
+            f"models.decoder._ResnetBlock was written for (self, input_tensor, temb) (diffusers {WRITTEN_FOR})")
+    for name, m in blocks:
+        if type(m) not in (ResnetBlock2D, _ResnetBlock):
+            raise UnexpectedDiffusersBlock(f"unet.{name} is a {type(m).__name__}, a subclass of ResnetBlock2D that "
+                                           "models.decoder.fast_blocks does not know")
+        expect_block(m, f"unet.{name}", "models.decoder._ResnetBlock", _ResnetBlock.CHECKS, _ResnetBlock.CHILDREN)
+    for _, m in blocks:
+        m.__class__ = _ResnetBlock
     return unet
 
 
@@ -243,6 +274,13 @@ class TextProj(nn.Module):
         return torch.cat([extra, states], dim=1), time_add
 
 
+def _null_states_as_tokens(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before null_text_len existed hold the one null token as (text_dim,)."""
+    key = prefix + "null_text_states"
+    if key in state_dict and state_dict[key].dim() == 1:
+        state_dict[key] = state_dict[key][None]
+
+
 def _where(drop: torch.Tensor, null: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Rows of `value` where drop is False, the null embedding (broadcast) where it is True."""
     drop = drop.view(-1, *[1] * (value.dim() - 1))
@@ -261,7 +299,8 @@ class Decoder(nn.Module):
                                   config.clip_extra_context_tokens, config.text_dim)
         # learned null caption (diffusers' text_proj has only the null image embedding)
         self.null_text_emb = nn.Parameter(torch.zeros(config.embed_dim))
-        self.null_text_states = nn.Parameter(torch.zeros(config.text_dim))
+        self.null_text_states = nn.Parameter(torch.zeros(config.null_text_len, config.text_dim))
+        self.register_load_state_dict_pre_hook(_null_states_as_tokens)
         self.training_scheduler = self.scheduler("ddpm")  # q(x_t | x0) for the objective
 
     # -- network ---------------------------------------------------------------------------------
@@ -271,34 +310,36 @@ class Decoder(nn.Module):
 
         image_emb/text_emb: (B, embed_dim); text_states: (B, L, text_dim) with optional bool text_mask
         (B, L), True = real token. A missing caption means the null caption. drop_image/drop_text:
-        bool (B,) rows to replace by the learned null embeddings (classifier-free guidance).
+        bool (B,) rows to replace by the null image embedding / null caption (classifier-free
+        guidance): learned, or Karlo's encoded empty caption after `set_null_condition`.
         """
         cfg = self.config
         B = x.shape[0]
         if image_emb.shape != (B, cfg.embed_dim):
             raise ValueError(f"image_emb has shape {tuple(image_emb.shape)}, expected {(B, cfg.embed_dim)}")
-        no_text = text_emb is None and text_states is None
+        if text_emb is None and text_states is None:
+            drop_text = None  # no caption: the null caption, all of it visible
         if text_emb is None:
             text_emb = self.null_text_emb.expand(B, -1)
         if text_states is None:
-            text_states = self.null_text_states.expand(B, 1, -1)
-            text_mask = None
+            text_states, text_mask = self.null_text_states.expand(B, -1, -1), None
         if text_emb.shape != (B, cfg.embed_dim):
             raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(B, cfg.embed_dim)}")
         if text_states.dim() != 3 or text_states.shape[0] != B or text_states.shape[2] != cfg.text_dim:
             raise ValueError(f"text_states has shape {tuple(text_states.shape)}, expected (B={B}, L, text_dim={cfg.text_dim})")
         if drop_image is not None:
             image_emb = _where(drop_image, self.text_proj.learned_classifier_free_guidance_embeddings, image_emb)
-        if drop_text is not None and not no_text:
+        if drop_text is not None:
+            # a dropped caption is the null caption with only its own tokens visible, whatever the
+            # batch's caption length, so the unconditional branch is decoding with no caption at all
+            n = cfg.null_text_len
+            L = max(text_states.shape[1], n)
+            keep = torch.ones(B, text_states.shape[1], dtype=torch.bool, device=x.device) if text_mask is None else text_mask.bool()
+            text_states, keep = F.pad(text_states, (0, 0, 0, L - text_states.shape[1])), F.pad(keep, (0, L - keep.shape[1]))
+            null_states = F.pad(self.null_text_states.to(text_states.dtype), (0, 0, 0, L - n))
             text_emb = _where(drop_text, self.null_text_emb, text_emb)
-            text_states = _where(drop_text, self.null_text_states, text_states)
-            # a dropped caption is one visible null token, whatever the batch's caption length,
-            # so the unconditional branch is the same as decoding with no caption at all
-            L = text_states.shape[1]
-            first = torch.zeros(L, dtype=torch.bool, device=x.device)
-            first[0] = True
-            keep = torch.ones(B, L, dtype=torch.bool, device=x.device) if text_mask is None else text_mask.bool()
-            text_mask = torch.where(drop_text.view(-1, 1), first.expand(B, L), keep)
+            text_states = _where(drop_text, null_states, text_states)
+            text_mask = torch.where(drop_text.view(-1, 1), (torch.arange(L, device=x.device) < n).expand(B, L), keep)
         context, time_add = self.text_proj(image_emb, text_emb, text_states)
         mask = None
         if text_mask is not None:
@@ -306,6 +347,26 @@ class Decoder(nn.Module):
                 raise ValueError(f"text_mask has shape {tuple(text_mask.shape)}, expected {tuple(text_states.shape[:2])}")
             mask = F.pad(text_mask.bool(), (cfg.clip_extra_context_tokens, 0), value=True)
         return self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
+
+    @torch.no_grad()
+    def set_null_condition(self, text_emb: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor | None = None):
+        """Make the null caption an encoded empty caption (z_t (embed_dim,), token states (L,
+        text_dim), mask (L,)): Karlo's unconditional branch, which uses the empty caption's
+        encoding, not learned nulls. Its visible tokens become the null caption's tokens (the
+        parameter is re-made when their count changes: call this before building an optimizer)."""
+        states = text_states.reshape(-1, self.config.text_dim)
+        if text_mask is not None:
+            mask = text_mask.reshape(-1).bool()
+            n = int(mask.sum())
+            if n < 1 or not bool(mask[:n].all()):
+                raise ValueError("text_mask must mark a non-empty prefix of the tokens (e.g. start and end token)")
+            states = states[:n]
+        param = self.null_text_states
+        if states.shape != param.shape:
+            self.null_text_states = nn.Parameter(param.new_empty(states.shape))
+            self.config = replace(self.config, null_text_len=states.shape[0])
+        self.null_text_states.copy_(states)
+        self.null_text_emb.copy_(text_emb.reshape(-1))
 
     # -- schedulers ------------------------------------------------------------------------------
 
@@ -318,32 +379,11 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _vlb(sched, out, x0, x_t, t):
-        """KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) in nats/dim through a stopped-gradient mean, so
-        only the variance head learns from it (Improved DDPM's hybrid loss). p's log-variance
-        interpolates log beta_t and log beta~_t with v in [-1, 1] (diffusers' "learned_range")."""
-        C = x0.shape[1]
-        mean_out, v = out[:, :C].detach(), out[:, C:]
-        ab = sched.alphas_cumprod.to(x0.device).double()
-        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        beta = 1 - ab / ab_prev
-        post_var = beta * (1 - ab_prev) / (1 - ab)
-        log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # beta~_0 = 0: use beta~_1
-        bc = lambda a: a[t].float().view(-1, 1, 1, 1)
-        ab_t, ab_p, beta_t, log_post_t = bc(ab), bc(ab_prev), bc(beta), bc(log_post)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()
-        elif kind == "sample":
-            x0_hat = mean_out
-        else:
-            x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
-        x0_hat = x0_hat.clamp(-1, 1)
-        c0, ct = ab_p.sqrt() * beta_t / (1 - ab_t), (1 - beta_t).sqrt() * (1 - ab_p) / (1 - ab_t)
-        frac = (v.clamp(-1, 1) + 1) / 2
-        log_var = frac * torch.log(beta_t) + (1 - frac) * log_post_t
-        diff = c0 * (x0 - x0_hat)  # true mean - model mean
-        kl = 0.5 * (-1 + log_var - log_post_t + torch.exp(log_post_t - log_var) + diff**2 * torch.exp(-log_var))
-        return kl.mean()
+        """L_vlb = sum over all T timesteps of L_t, in bits per dimension, estimated as T times the
+        batch mean of L_t at the uniformly drawn t (diffusion.vlb_terms: the variance head learns
+        from it, the mean is stopped). vlb_weight (Improved DDPM's lambda = 0.001) multiplies this,
+        so the hybrid loss is Improved DDPM's L_simple + lambda L_vlb in its units."""
+        return sched.config.num_train_timesteps * diffusion.vlb_terms(sched, out, x0, x_t, t).mean()
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -392,8 +432,9 @@ class Decoder(nn.Module):
         """Build from a `save_pretrained` UNet2DConditionModel directory (e.g. Karlo's `decoder/`)
         and, optionally, the matching `text_proj/` directory. `overrides` set DecoderConfig fields
         that diffusers does not store (embed_dim, text_dim when there is no text_proj, dropout rates...).
-        The null-caption parameters are not in diffusers and start at zero; to reproduce Karlo's
-        unconditional branch set them from the text encoder's encoding of an empty caption."""
+        The null caption is not in diffusers and starts at zero; to reproduce Karlo's unconditional
+        branch (UnCLIPPipeline: the empty caption's encoding) call `set_null_condition` with the
+        text encoder's unnormalised encoding of "" (models.unclip.UnCLIP.use_empty_caption_as_null)."""
         unet = UNet2DConditionModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
         uc = unet.config
         n = len(uc.block_out_channels)
@@ -438,8 +479,8 @@ def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator:
     """Mean loss on a batch of images: t, noise and the CFG dropout masks (image_drop_prob,
     text_drop_prob, independent) are drawn unless the batch has them.
 
-    Simple MSE on the configured target; with learned variance plus the Improved-DDPM
-    variational term (weight vlb_weight) that trains the variance head with a stopped mean.
+    Simple MSE on the configured target; with learned variance plus Improved DDPM's
+    vlb_weight * L_vlb (`Decoder._vlb`), which trains the variance head with a stopped mean.
     Autocast-friendly: the loss is computed in float32. Metrics: loss, mse (+ vlb)."""
     check_batch(BATCH, batch, "decoder")
     model = unwrap(network)

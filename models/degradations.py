@@ -4,8 +4,9 @@ First upsampler: a light Gaussian blur (paper: kernel 3, sigma 0.6). Second upsa
 BSR-style degradation (Zhang et al. 2021, "Designing a Practical Degradation Model for Deep Blind
 Image Super-Resolution"): random isotropic/anisotropic blur, random down-up resize with mixed
 interpolation, Gaussian noise (in random order), then JPEG re-compression. kornia is not a
-dependency here; these are torch/torchvision ops. Images are float (B, C, H, W) in [-1, 1];
-every random choice comes from the `generator`, so a seed makes a degradation reproducible.
+dependency here; these are torch/torchvision ops. Batches are float (B, C, H, W) in [-1, 1] on
+any device; `bsr_degrade_image` degrades one image (uint8 or float, HWC or CHW) where data is
+prepared. Every random choice comes from a seed, so a seed makes a degradation reproducible.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
@@ -68,37 +70,32 @@ class BSRConfig:
     jpeg_quality: tuple[int, int] = (30, 95)
 
 
-def _uniform(lo_hi, generator) -> float:
-    lo, hi = lo_hi
-    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+# Every random choice of one image's degradation comes from a numpy Generator: host-side draws
+# (no device synchronisation per choice, whatever device the images are on), and the same
+# function runs per image where data is prepared (`bsr_degrade_image`, e.g. in a Ray Data map).
 
 
-def _choice(options, generator):
-    return options[int(torch.randint(len(options), (), generator=generator))]
-
-
-def _random_blur(img, cfg: BSRConfig, generator):
-    if torch.rand((), generator=generator).item() < cfg.aniso_prob:
-        kernel = anisotropic_kernel(cfg.kernel_size, _uniform(cfg.sigma, generator), _uniform(cfg.sigma, generator),
-                                    _uniform((0.0, math.pi), generator))
+def _random_blur(img, cfg: BSRConfig, rng: np.random.Generator):
+    if rng.random() < cfg.aniso_prob:
+        kernel = anisotropic_kernel(cfg.kernel_size, rng.uniform(*cfg.sigma), rng.uniform(*cfg.sigma), rng.uniform(0.0, math.pi))
     else:
-        s = _uniform(cfg.sigma, generator)
+        s = rng.uniform(*cfg.sigma)
         kernel = anisotropic_kernel(cfg.kernel_size, s, s, 0.0)
     return blur_with_kernel(img, kernel)
 
 
-def _random_resize(img, cfg: BSRConfig, generator):
+def _random_resize(img, cfg: BSRConfig, rng: np.random.Generator):
     H, W = img.shape[-2:]
-    scale = _uniform(cfg.resize_scale, generator)
+    scale = rng.uniform(*cfg.resize_scale)
     size = (max(1, round(H * scale)), max(1, round(W * scale)))
-    down, up = _choice(INTERPOLATIONS, generator), _choice(INTERPOLATIONS[1:3], generator)  # mixed modes
+    down, up = INTERPOLATIONS[rng.integers(len(INTERPOLATIONS))], INTERPOLATIONS[1 + rng.integers(2)]  # mixed modes
     small = F.interpolate(img, size=size, mode=down, **({"align_corners": False} if down in ("bilinear", "bicubic") else {}))
     return F.interpolate(small, size=(H, W), mode=up, align_corners=False)
 
 
-def _random_noise(img, cfg: BSRConfig, generator):
-    std = _uniform(cfg.noise_std, generator) * 2  # [0, 1] scale -> [-1, 1] scale
-    return img + std * torch.randn(img.shape, generator=generator).to(img)
+def _random_noise(img, cfg: BSRConfig, rng: np.random.Generator):
+    std = rng.uniform(*cfg.noise_std) * 2  # [0, 1] scale -> [-1, 1] scale
+    return img + std * torch.from_numpy(rng.standard_normal(img.shape, dtype=np.float32)).to(img)
 
 
 def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
@@ -110,24 +107,72 @@ def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     return (out.float() / 127.5 - 1).unsqueeze(0).to(img)
 
 
-def bsr_degrade(x: torch.Tensor, generator: torch.Generator, config: BSRConfig | None = None) -> torch.Tensor:
-    """The second upsampler's corruption; each image of the batch draws its own degradation."""
+def _bsr_one(img: torch.Tensor, rng: np.random.Generator, cfg: BSRConfig) -> torch.Tensor:
+    """BSR of one float (1, C, H, W) CPU image in [-1, 1]."""
+    ops = [(cfg.blur_prob, _random_blur), (cfg.resize_prob, _random_resize), (cfg.noise_prob, _random_noise)]
+    for i in rng.permutation(len(ops)):  # BSR shuffles the order
+        prob, op = ops[i]
+        if rng.random() < prob:
+            img = op(img, cfg, rng)
+    img = img.clamp(-1, 1)
+    if rng.random() < cfg.jpeg_prob:
+        img = jpeg(img, round(rng.uniform(*cfg.jpeg_quality)))
+    return img
+
+
+def _channels_last(shape: tuple[int, ...], channels_last: bool | None) -> bool:
+    if len(shape) != 3:
+        raise ValueError(f"image must be one (H, W, C) or (C, H, W) image, got shape {shape}")
+    if channels_last is None:
+        last, first = shape[-1] in (1, 3), shape[0] in (1, 3)
+        if last == first:
+            raise ValueError(f"cannot tell whether an image of shape {shape} is (H, W, C) or (C, H, W) with 1 or 3 "
+                             "channels; pass channels_last=True or False")
+        channels_last = last
+    if shape[-1 if channels_last else 0] not in (1, 3):
+        raise ValueError(f"image of shape {shape} has {shape[-1 if channels_last else 0]} channels; JPEG needs 1 or 3")
+    return channels_last
+
+
+def bsr_degrade_image(image, rng: np.random.Generator | int | None = None, config: BSRConfig | None = None, *,
+                      channels_last: bool | None = None):
+    """The second upsampler's corruption of one image, where data is prepared (e.g. a Ray Data map).
+
+    image: a numpy array or torch tensor, (H, W, C) or (C, H, W) (inferred when unambiguous, else
+    give channels_last), 1 or 3 channels; uint8 with values 0..255 or float with values in [-1, 1].
+    rng: a numpy Generator, a seed, or None (fresh entropy). Returns the same kind of array, dtype,
+    layout and value range (float results stay in [-1, 1]).
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    is_numpy = isinstance(image, np.ndarray)
+    x = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
+    hwc = _channels_last(tuple(x.shape), channels_last)
+    chw = x.permute(2, 0, 1) if hwc else x
+    if chw.dtype == torch.uint8:
+        img = chw.cpu().float() / 127.5 - 1
+    elif chw.is_floating_point():
+        img = chw.detach().cpu().float()
+    else:
+        raise ValueError(f"image has dtype {x.dtype}; expected uint8 (0..255) or float ([-1, 1])")
+    out = _bsr_one(img[None], rng, config or BSRConfig())[0]
+    out = ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else out.to(x.dtype)
+    out = out.permute(1, 2, 0).contiguous() if hwc else out
+    return out.numpy() if is_numpy else out.to(x.device)
+
+
+def bsr_degrade(x: torch.Tensor, generator: torch.Generator | None = None, config: BSRConfig | None = None) -> torch.Tensor:
+    """The second upsampler's corruption of a float (B, C, H, W) batch in [-1, 1] on any device;
+    each image draws its own degradation (`bsr_degrade_image`, on the CPU: JPEG is a CPU codec)
+    from a seed drawn from `generator` (on its own device) or, without one, from torch's global
+    generator, so torch.manual_seed makes it reproducible."""
     _check(x)
     if x.shape[1] not in (1, 3):
         raise ValueError(f"x has {x.shape[1]} channels; JPEG needs 1 or 3")
     cfg = config or BSRConfig()
-    ops = [(cfg.blur_prob, _random_blur), (cfg.resize_prob, _random_resize), (cfg.noise_prob, _random_noise)]
-    out = []
-    for img in x.float().split(1):
-        for i in torch.randperm(len(ops), generator=generator).tolist():  # BSR shuffles the order
-            prob, op = ops[i]
-            if torch.rand((), generator=generator).item() < prob:
-                img = op(img, cfg, generator)
-        img = img.clamp(-1, 1)
-        if torch.rand((), generator=generator).item() < cfg.jpeg_prob:
-            img = jpeg(img, round(_uniform(cfg.jpeg_quality, generator)))
-        out.append(img)
-    return torch.cat(out).to(x.dtype)
+    device = generator.device if generator is not None else "cpu"
+    seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator, device=device).tolist()
+    out = [_bsr_one(img, np.random.default_rng(seed), cfg) for img, seed in zip(x.detach().float().cpu().split(1), seeds)]
+    return torch.cat(out).to(device=x.device, dtype=x.dtype)
 
 
 def degrade(x: torch.Tensor, kind: str, generator: torch.Generator | None = None, *, blur_kernel: int = 3,
@@ -138,7 +183,5 @@ def degrade(x: torch.Tensor, kind: str, generator: torch.Generator | None = None
     if kind == "blur":
         return gaussian_blur(x, blur_kernel, blur_sigma)
     if kind == "bsr":
-        if generator is None:
-            raise ValueError("degradation 'bsr' needs a torch.Generator (it is random)")
         return bsr_degrade(x, generator, bsr)
     raise ValueError(f"degradation={kind!r}; allowed: ('none', 'blur', 'bsr')")

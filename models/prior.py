@@ -25,11 +25,15 @@ cannot change the result:
   get -10000, i.e. weight 0), so a batch of short captions costs ~20 instead of 81 positions;
 - rows are independent, so rows with much shorter captions (e.g. the one-token null caption of
   dropped rows) run as a second, shorter batch (`row_groups`);
+  (these two read the mask's values to choose shapes, so they run on the CPU only: on an
+  accelerator or under torch.compile that read would stall the device, and a full-length masked
+  batch is cheap there)
 - only the final query's output is used and attention is causal, so the last block computes that
   position only, with its keys and values reassociated per head (`_last_block`);
 - blocks are called through their submodules (attention processors set on the transformer are
   not used; no generic per-call checks; causal-only attention for batches without padding, the
-  faster kernel path; residual adds in place).
+  faster kernel path; residual adds in place). `check_transformer` refuses, naming the diffusers
+  version, a PriorTransformer whose blocks are not the ones this was written for.
 The null caption is, like Karlo's empty-caption unconditional, short: learned token states of which
 only the first `null_text_mask` positions are visible (one by default).
 
@@ -39,17 +43,22 @@ Guidance convention (diffusers', Karlo's): x0 = uncond + s * (cond - uncond)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import PriorTransformer
+from diffusers import PriorTransformer, SchedulerMixin
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 from torch.nn import functional as F
 
 from models import diffusion
 from models.checkpoint import migration, register
+from models.diffusers_blocks import WRITTEN_FOR, UnexpectedDiffusersBlock, equals, expect_block, is_none_or, is_type
 from models.objective import Field, bernoulli, check_batch, detached, unwrap
 
 SAMPLERS = ("ddpm", "ddim")
@@ -68,7 +77,8 @@ class PriorConfig:
     text_drop_prob: float = 0.1  # paper: text conditioning dropped 10% of the time
     num_train_timesteps: int = 1000
     schedule: str = "cosine"  # noise schedule (models.diffusion.SCHEDULES); cosine as paper, Karlo
-    clip_sample: float | None = None  # clamp predicted latents to [-c, c] when sampling; None: off
+    clip_sample: float | None = None  # clamp predicted latents to [-c, c] when sampling; None: off (Karlo: 5)
+    normalize: bool = True  # L2-normalise sampled z_i: our embeddings are unit vectors; Karlo's are not
 
     def __post_init__(self):
         for name in ("embed_dim", "text_dim", "text_len", "num_heads", "head_dim", "num_layers", "num_train_timesteps"):
@@ -151,6 +161,7 @@ class DiffusionPrior(nn.Module):
             with torch.no_grad():
                 transformer.clip_mean.zero_()
                 transformer.clip_std.fill_(1.0 / math.sqrt(c.embed_dim))
+        check_transformer(transformer)
         self.transformer = transformer
         # Normalisation statistics are data statistics, not trained weights.
         transformer.clip_mean.requires_grad_(False)
@@ -209,6 +220,10 @@ class DiffusionPrior(nn.Module):
             text_emb, text_states, text_mask = self.drop_condition(text_emb, text_states, text_mask, drop_text)
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
+        if not _reads_values_freely(text_mask):
+            # on an accelerator (or under torch.compile), choosing the shapes below from the mask's
+            # values would wait for the device: run every row at full length with the mask instead
+            return self._predict(x_t, t, text_emb, text_states, text_mask, padded=True)
         # Rows are independent, so rows with short captions (e.g. the one-token null caption of
         # dropped rows) can run as their own, shorter batch: exact, masked keys have weight 0.
         lengths = (text_mask * torch.arange(1, c.text_len + 1, device=text_mask.device)).amax(1).clamp(min=1)
@@ -223,8 +238,9 @@ class DiffusionPrior(nn.Module):
         order = torch.tensor([i for rows, _ in groups for i in rows], device=x_t.device)
         return torch.cat(outs)[order.argsort()]
 
-    def _predict(self, x_t, t, text_emb, text_states, text_mask) -> torch.Tensor:
-        """diffusers' PriorTransformer.forward, step by step, on captions cut to n tokens."""
+    def _predict(self, x_t, t, text_emb, text_states, text_mask, padded: bool | None = None) -> torch.Tensor:
+        """diffusers' PriorTransformer.forward, step by step, on captions cut to n tokens.
+        padded: whether text_mask has False entries; None reads it from the mask (a host read)."""
         n = text_states.shape[1]
         if self.text_in is not None:
             text_states = self.text_in(text_states)
@@ -241,7 +257,9 @@ class DiffusionPrior(nn.Module):
             ],
             dim=1,
         )
-        if bool(text_mask.all()):
+        if padded is None:
+            padded = not bool(text_mask.all())
+        if not padded:
             mask = None  # causal only: is_causal=True, the faster flash kernel path
         else:  # diffusers' mask: -10000 on padded keys and above the diagonal
             keys = F.pad(text_mask, (0, 4), value=True)
@@ -285,11 +303,13 @@ class DiffusionPrior(nn.Module):
         candidates: int = 2,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
     ) -> torch.Tensor:
         """Draw z_i [B, D] for each caption; of `candidates` draws keep the one with the highest
-        dot product with z_t (paper section 2.2). normalize: L2-normalise the result (our data
-        contract; switch off for Karlo, whose decoder takes unnormalised embeddings)."""
+        dot product with z_t (paper section 2.2). normalize: L2-normalise the result; default the
+        config's (on for our unit-norm data contract; off for Karlo weights, whose decoder takes
+        unnormalised embeddings)."""
+        normalize = self.config.normalize if normalize is None else normalize
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         b = text_emb.shape[0]
@@ -309,12 +329,22 @@ class DiffusionPrior(nn.Module):
 
     # ----- diffusers interop -----
     @classmethod
-    def from_diffusers(cls, source: str | Path | PriorTransformer, text_dim: int | None = None, **overrides) -> "DiffusionPrior":
+    def from_diffusers(cls, source: str | Path | PriorTransformer, text_dim: int | None = None,
+                       scheduler: str | Path | SchedulerMixin | None = None, **overrides) -> "DiffusionPrior":
         """Wrap a diffusers PriorTransformer (a module or a `save_pretrained` directory).
 
         Only the layout diffusers uses for unCLIP is accepted: 4 additional embeddings with the
         final "prd" query token. A PriorTransformer whose clip_std was never set (all zeros, the
-        diffusers init) gets our default scaling 1/sqrt(embed_dim)."""
+        diffusers init) gets our default scaling 1/sqrt(embed_dim).
+
+        scheduler: the scheduler it was trained with (a scheduler or its `save_pretrained`
+        directory, e.g. Karlo's `prior_scheduler/`): sets the schedule and the x0 clamp (Karlo's
+        UnCLIPScheduler clamps predicted latents to +-5). Sampled z_i are not L2-normalised
+        (`normalize=False`): diffusers' unCLIP embeddings are the unnormalised CLIP projections,
+        and so must the text embeddings given to it be, with its null condition set from an
+        encoded empty caption (`set_null_condition`), as diffusers' UnCLIPPipeline does.
+        `overrides` set any PriorConfig field (e.g. normalize=True to fine-tune on our data)."""
+        overrides = {"normalize": False, **_scheduler_fields(scheduler), **overrides}
         transformer = source if isinstance(source, PriorTransformer) else PriorTransformer.from_pretrained(str(source))
         d = transformer.config
         if d.additional_embeddings != 4 or d.added_emb_type != "prd" or d.encoder_hid_proj_type != "linear":
@@ -348,6 +378,93 @@ class DiffusionPrior(nn.Module):
                 transformer.clip_std.fill_(1.0 / math.sqrt(d.embedding_dim))
         return cls(config, transformer=transformer)
 
+
+
+def _scheduler_fields(scheduler) -> dict:
+    """PriorConfig fields from a diffusers scheduler (or its save_pretrained directory)."""
+    if scheduler is None:
+        return {}
+    if isinstance(scheduler, (str, Path)):
+        path = Path(scheduler) / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass the scheduler's save_pretrained directory (e.g. Karlo's prior_scheduler/)")
+        cfg = json.loads(path.read_text())
+    else:
+        cfg = dict(scheduler.config)
+    schedules = {v: k for k, v in diffusion.SCHEDULES.items()}
+    if cfg.get("prediction_type", "epsilon") != "sample":
+        raise ValueError(f"scheduler prediction_type={cfg.get('prediction_type')!r}; the diffusion prior predicts x0 ('sample')")
+    if cfg.get("beta_schedule") not in schedules:
+        raise ValueError(f"scheduler beta_schedule={cfg.get('beta_schedule')!r}; supported: {sorted(schedules)}")
+    clip = cfg.get("clip_sample", True)  # UnCLIPScheduler's and DDPMScheduler's default
+    return dict(schedule=schedules[cfg["beta_schedule"]],
+                num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                clip_sample=float(cfg.get("clip_sample_range", 1.0)) if clip else None)
+
+
+# What _predict, _block and _last_block rely on (diffusers_blocks.expect_block refuses anything else)
+_TRANSFORMER_CHECKS = {
+    "time_proj": is_type(Timesteps),
+    "time_embedding": is_type(TimestepEmbedding),
+    "proj_in": is_type(nn.Linear),
+    "embedding_proj": is_type(nn.Linear),
+    "encoder_hidden_states_proj": is_type(nn.Linear),
+    "embedding_proj_norm": equals(None),
+    "norm_in": is_none_or(is_type(nn.LayerNorm)),
+    "norm_out": is_type(nn.LayerNorm),
+    "proj_to_clip_embeddings": is_type(nn.Linear),
+    "positional_embedding": lambda p: p.ndim == 3,
+    "prd_embedding": lambda p: p.ndim == 3 and p.shape[1] == 1,
+    "causal_attention_mask": lambda m: m.ndim == 3,
+    "transformer_blocks": is_type(nn.ModuleList),
+}
+_TRANSFORMER_CHILDREN = {"time_proj", "time_embedding", "proj_in", "embedding_proj", "encoder_hidden_states_proj",
+                         "norm_in", "transformer_blocks", "norm_out", "proj_to_clip_embeddings"}
+_BLOCK_CHECKS = {
+    "norm_type": equals("layer_norm"),
+    "only_cross_attention": equals(False),
+    "pos_embed": equals(None),
+    "attn2": equals(None),
+    "_chunk_size": equals(None),
+    "norm1": is_type(nn.LayerNorm),
+    "norm3": is_type(nn.LayerNorm),
+    "ff": is_type(FeedForward),
+    # an Attention whose scale is scaled_dot_product_attention's default, 1/sqrt(head width)
+    "attn1": lambda a: type(a) is Attention and abs(a.scale - (a.to_q.out_features // a.heads) ** -0.5) < 1e-12,
+    "attn1.is_cross_attention": equals(False),
+    "attn1.residual_connection": equals(False),
+    "attn1.rescale_output_factor": equals(1.0),
+    "attn1.norm_q": equals(None),
+    "attn1.norm_k": equals(None),
+    "attn1.group_norm": equals(None),
+    "attn1.spatial_norm": equals(None),
+    "attn1.norm_cross": equals(None),
+    "attn1.to_q": is_type(nn.Linear),
+    "attn1.to_k": is_type(nn.Linear),
+    "attn1.to_v": is_type(nn.Linear),
+    "attn1.to_out": lambda m: len(m) == 2 and type(m[0]) is nn.Linear and type(m[1]) is nn.Dropout,
+}
+_BLOCK_CHILDREN = {"norm1", "attn1", "norm3", "ff"}
+_ATTENTION_CHILDREN = {"to_q", "to_k", "to_v", "to_out"}
+
+
+def check_transformer(transformer: PriorTransformer) -> None:
+    """Raise UnexpectedDiffusersBlock (with the diffusers version) unless `transformer` and its
+    blocks are what DiffusionPrior's forward, which runs their submodules directly, was written for."""
+    where = "models.prior.DiffusionPrior.forward"
+    expect_block(transformer, "transformer", where, _TRANSFORMER_CHECKS, _TRANSFORMER_CHILDREN)
+    for i, block in enumerate(transformer.transformer_blocks):
+        if type(block) is not BasicTransformerBlock:
+            raise UnexpectedDiffusersBlock(f"transformer.transformer_blocks.{i} is a {type(block).__name__}; {where} "
+                                           f"was written for diffusers {WRITTEN_FOR}'s BasicTransformerBlock")
+        expect_block(block, f"transformer.transformer_blocks.{i}", where, _BLOCK_CHECKS, _BLOCK_CHILDREN)
+        expect_block(block.attn1, f"transformer.transformer_blocks.{i}.attn1", where, {}, _ATTENTION_CHILDREN)
+
+
+def _reads_values_freely(t: torch.Tensor) -> bool:
+    """Whether reading t's values on the host costs no device synchronisation and no graph break:
+    a CPU tensor outside torch.compile. Shape decisions from data are made only then."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def row_groups(lengths: list[int], min_saving: float = 0.05) -> list[tuple[list[int], int]]:

@@ -51,13 +51,14 @@ class Prior(Protocol):
                generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor: ...
 
 
-def clip_text_encoder(clip) -> TextEncoder:
+def clip_text_encoder(clip, normalize: bool = True) -> TextEncoder:
     """Adapter for models.clip.ClipEncoder-like objects (tokenize + encode_text_with_hidden);
-    padding is token id 0 (open_clip)."""
+    padding is token id 0 (open_clip). normalize: unit-norm z_t (our data contract); False for
+    Karlo / diffusers unCLIP weights, which take the unnormalised CLIP text projection."""
 
     def encode(captions: Sequence[str]) -> TextCondition:
         tokens = clip.tokenize(list(captions))
-        emb, states = clip.encode_text_with_hidden(tokens)
+        emb, states = clip.encode_text_with_hidden(tokens, normalize=normalize)
         return TextCondition(emb, states, (tokens != 0).to(states.device))
 
     return encode
@@ -137,6 +138,19 @@ class UnCLIP:
             if up.config.low_res_size != size:
                 raise ValueError(f"upsamplers[{i}] expects {up.config.low_res_size}px input but the previous stage makes {size}px")
             size = up.config.image_size
+
+    @torch.no_grad()
+    def use_empty_caption_as_null(self) -> None:
+        """Make the prior's and the decoder's null condition the text encoder's encoding of the
+        empty caption: the unconditional branch of diffusers' UnCLIPPipeline (Karlo). Use it with
+        Karlo weights and `clip_text_encoder(clip, normalize=False)`."""
+        if self.text_encoder is None:
+            raise ValueError("UnCLIP has no text_encoder to encode the empty caption with")
+        empty = self.text_encoder([""])
+        mask = empty.mask[0] if empty.mask is not None else None
+        for stage in (self.prior, self.decoder):
+            if hasattr(stage, "set_null_condition"):
+                stage.set_null_condition(empty.emb[0], empty.states[0], mask)
 
     # -- stages ----------------------------------------------------------------------------------
 

@@ -71,6 +71,11 @@ def test_hidden_states_are_ln_final_output(clip):
     eot = tokens.argmax(dim=-1)
     pooled = hidden[torch.arange(2), eot] @ clip.model.text_projection
     torch.testing.assert_close(torch.nn.functional.normalize(pooled, dim=-1), z_t)
+    # unnormalised (Karlo's convention): the projection itself, with the same hidden states
+    raw, hidden_raw = clip.encode_text_with_hidden(tokens, normalize=False)
+    torch.testing.assert_close(raw, pooled)
+    torch.testing.assert_close(raw, clip.model.encode_text(tokens, normalize=False))
+    assert torch.equal(hidden_raw, hidden)
 
 
 def test_tokens_decode_to_caption(clip):

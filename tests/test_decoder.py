@@ -70,7 +70,7 @@ def test_sizes_and_attention_placement():
 
 
 def test_text_proj_matches_diffusers_reference():
-    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    import diffusers.pipelines.deprecated.unclip.text_proj as mod  # diffusers is pinned: no skip
     ref = mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=24, time_embed_dim=32, cross_attention_dim=16)
     ours = TextProj(24, 32, 16, 4)
     perturb(ref)
@@ -114,7 +114,7 @@ def test_dropped_rows_use_the_learned_nulls():
     dropped = m(x, t, zi, zt, states, drop_image=yes, drop_text=no)
     torch.testing.assert_close(dropped, m(x, t, null_i, zt, states))
     both = m(x, t, zi, zt, states, drop_image=yes, drop_text=yes)
-    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, 1, -1))
+    nulls = m(x, t, null_i, m.null_text_emb.expand(3, -1), m.null_text_states.expand(3, -1, -1))
     torch.testing.assert_close(both, nulls)
     torch.testing.assert_close(both, m(x, t, null_i))  # dropped caption == no caption
     mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)  # padding does not change the null branch
@@ -183,6 +183,84 @@ def test_learned_variance_loss_is_finite_and_trains_variance_head():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def improved_ddpm_vlb_bits(sched, out, x0, x_t, t):
+    """Reference L_t in bits/dim per sample, float64, from the papers' formulas (DDPM eqs. 6-7 and
+    13, Improved DDPM section 3.1 with the clipped beta~ at t = 0), with torch.distributions for
+    the KL and the Gaussian CDF, and diffusers' DDPMScheduler for the learned-range variance (t > 0)."""
+    from torch.distributions import Normal, kl_divergence
+
+    abar = sched.alphas_cumprod.double()
+    C = x0.shape[1]
+    rows = []
+    for i, ti in enumerate(t.tolist()):
+        a_t, a_prev = abar[ti], abar[ti - 1] if ti > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - a_t / a_prev
+        x, xt, m, v = x0[i].double(), x_t[i].double(), out[i, :C].double(), out[i, C:].double()
+        x0_hat = {"epsilon": (xt - (1 - a_t).sqrt() * m) / a_t.sqrt(), "sample": m,
+                  "v_prediction": a_t.sqrt() * xt - (1 - a_t).sqrt() * m}[sched.config.prediction_type]
+        mean = lambda z: a_prev.sqrt() * beta / (1 - a_t) * z + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * xt
+        if ti > 0:
+            log_var = sched._get_variance(ti, predicted_variance=v.float()).double()  # diffusers' learned_range
+            post = Normal(mean(x), ((1 - a_prev) / (1 - a_t) * beta).sqrt())
+            nats = kl_divergence(post, Normal(mean(x0_hat), (0.5 * log_var).exp())).mean()
+        else:
+            beta1 = 1 - abar[1] / abar[0]
+            clipped = (1 - abar[0]) / (1 - abar[1]) * beta1  # beta~_1
+            frac = (v + 1) / 2
+            p = Normal(mean(x0_hat), (0.5 * (frac * beta.log() + (1 - frac) * clipped.log())).exp())
+            hi = torch.where(x > 0.999, torch.ones_like(x), p.cdf(x + 1 / 255))
+            lo = torch.where(x < -0.999, torch.zeros_like(x), p.cdf(x - 1 / 255))
+            nats = -(hi - lo).log().mean()
+        rows.append(nats / math.log(2))
+    return torch.stack(rows)
+
+
+def vlb_case(kind, B=6, seed=0):
+    from models import diffusion
+
+    sched = diffusion.make_scheduler("ddpm", prediction_type=kind, learned_variance=True)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 256, (B, 3, 4, 4), generator=g).float() / 127.5 - 1  # 8-bit data, incl. the end bins
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1.0, 1.0
+    t = torch.tensor([0, 0, 1, 37, 600, 999])[:B]
+    x_t = diffusion.add_noise(sched, x0, torch.randn(x0.shape, generator=g), t)
+    out = torch.cat([torch.randn(x0.shape, generator=g), 1.5 * (torch.rand(x0.shape, generator=g) * 2 - 1)], 1)
+    out[:2, :3] = x0[:2] + 0.01 * torch.randn(2, 3, 4, 4, generator=g) if kind == "sample" else out[:2, :3]
+    return sched, out, x0, x_t, t
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_vlb_terms_match_the_papers_formulas(kind):
+    """Per-sample L_t (bits/dim) against an independent float64 computation; the predicted x0 is
+    not clamped (large x0 predictions at high t would change the KL if it were)."""
+    from models import diffusion
+
+    sched, out, x0, x_t, t = vlb_case(kind)
+    ours = diffusion.vlb_terms(sched, out, x0, x_t, t)
+    torch.testing.assert_close(ours.double(), improved_ddpm_vlb_bits(sched, out, x0, x_t, t), rtol=2e-4, atol=1e-5)
+
+
+def test_hybrid_loss_weight_is_improved_ddpms():
+    """L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 and L_vlb = sum over all T
+    timesteps in bits/dim (Improved DDPM: the bits/dim term of one uniform t times T/1000)."""
+    cfg = dataclasses.replace(TINY, learned_variance=True)
+    m = make(cfg).train()
+    assert cfg.vlb_weight == 0.001
+    sched, _, x0, _, _ = vlb_case("epsilon", B=4)
+    x0 = torch.nn.functional.interpolate(x0, size=cfg.image_size, mode="nearest")
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(4, 6, cfg.image_size, cfg.image_size, generator=g)
+    t, noise = torch.tensor([0, 3, 400, 999]), torch.randn(x0.shape, generator=g)
+    m.forward = lambda *args: out.clone().requires_grad_()  # a fixed network output
+    _, zi, _, _ = batch(B=4)
+    loss, metrics = training_loss(m, {"image": x0, "image_emb": zi, "t": t, "noise": noise})
+    a = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    simple = ((out[:, :3].double() - noise.double()) ** 2).mean()
+    expected = simple + 0.001 * 1000 * improved_ddpm_vlb_bits(sched, out, x0, x_t.float(), t).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=1e-6)
+
+
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     m = perturb(make())
     checkpoint.save(m, tmp_path / "dec")
@@ -199,7 +277,7 @@ def test_diffusers_directory_loads_with_same_forward(tmp_path):
 
     from models.decoder import unet_kwargs
 
-    mod = pytest.importorskip("diffusers.pipelines.deprecated.unclip.text_proj")
+    import diffusers.pipelines.deprecated.unclip.text_proj as mod  # diffusers is pinned: no skip
     torch.manual_seed(3)
     unet = perturb(UNet2DConditionModel(**unet_kwargs(TINY))).eval()
     proj = perturb(mod.UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=TINY.embed_dim,
@@ -299,3 +377,63 @@ def test_fast_blocks_match_diffusers_forward_and_gradients(cfg):
     grads = dict(ref.named_parameters())
     for name, p in m.unet.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+def test_karlo_layout_samples_as_diffusers_unclip_pipeline(tmp_path):
+    """Karlo-style decoder/ + text_proj/ directories (tiny, diffusers' save_pretrained) with the
+    empty caption's encoding as the null caption: our guided DDPM sampling equals the decoder half
+    of diffusers' UnCLIPPipeline written out with diffusers' components (UnCLIPTextProjModel with
+    classifier-free guidance, UNet2DConditionModel, UnCLIPScheduler with learned_range), on the
+    same timesteps and noise draws."""
+    from diffusers import UNet2DConditionModel, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    from models.decoder import unet_kwargs
+
+    cfg = dataclasses.replace(TINY, learned_variance=True)
+    torch.manual_seed(3)
+    unet = perturb(UNet2DConditionModel(**unet_kwargs(cfg))).eval()
+    proj = perturb(UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=cfg.embed_dim,
+                                       time_embed_dim=cfg.time_embed_dim, cross_attention_dim=cfg.cross_attention_dim)).eval()
+    unet.save_pretrained(tmp_path / "decoder")
+    proj.save_pretrained(tmp_path / "text_proj")
+    m = Decoder.from_diffusers(tmp_path / "decoder", tmp_path / "text_proj").eval()
+    _, zi, zt, states = batch(B=2, L=6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    empty_emb, empty_states, empty_mask = torch.randn(cfg.embed_dim, generator=g), torch.randn(6, cfg.text_dim, generator=g), torch.arange(6) < 2
+    m.set_null_condition(empty_emb, empty_states, empty_mask)
+    assert m.config.null_text_len == 2
+    steps, scale = 3, 3.0
+
+    karlo = UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon", num_train_timesteps=1000)
+    # in float64: at t = 999 its alpha = 1 - beta loses all float32 digits (beta ~ 1 - 1e-8)
+    karlo.alphas_cumprod, karlo.one = karlo.alphas_cumprod.double(), karlo.one.double()
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=gen)
+    with torch.no_grad():
+        ctx, add = proj(image_embeddings=zi, prompt_embeds=torch.cat([empty_emb.expand(2, -1), zt]),
+                        text_encoder_hidden_states=torch.cat([empty_states.expand(2, -1, -1), states]),
+                        do_classifier_free_guidance=True)
+        attn = torch.nn.functional.pad(torch.cat([empty_mask.expand(2, -1), mask]), (4, 0), value=True)
+        ts = [round(1000 - i * 1000 / steps) - 1 for i in range(steps)]
+        for i, t in enumerate(ts):
+            uncond, cond = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample.chunk(2)
+            eps = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
+            step = karlo.step(torch.cat([eps, cond[:, 3:]], 1), t, x, prev_timestep=prev, generator=gen)
+            # diffusers' pipeline ends at t = 0, where UnCLIPScheduler adds no noise; here the last
+            # step is at t > 0 and lands on abar = 1, whose noise-free mean is the clamped x0
+            x = step.prev_sample if prev >= 0 else step.pred_original_sample
+    expected = x.float().clamp(-1, 1)
+    ours = m.sample(zi, zt, states, mask, steps=steps, sampler="ddpm", guidance_scale=scale, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+    # the null caption travels with the checkpoint; one written before null_text_len existed loads too
+    checkpoint.save(m, tmp_path / "ours")
+    again = checkpoint.load(tmp_path / "ours").eval()
+    assert again.config.null_text_len == 2 and torch.equal(again.null_text_states, m.null_text_states)
+    old = make()
+    state = {k: (v[0] if k == "null_text_states" else v) for k, v in perturb(make()).state_dict().items()}
+    old.load_state_dict(state)
+    assert torch.equal(old.null_text_states[0], state["null_text_states"])

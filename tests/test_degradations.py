@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,7 +84,51 @@ def test_degrade_dispatch_and_errors():
     torch.testing.assert_close(Dg.degrade(x, "blur"), Dg.gaussian_blur(x, 3, 0.6))
     with pytest.raises(ValueError, match="degradation"):
         Dg.degrade(x, "sharpen")
-    with pytest.raises(ValueError, match="Generator"):
-        Dg.degrade(x, "bsr")
+    torch.manual_seed(3)  # without a generator BSR draws from torch's global one
+    a = Dg.degrade(x, "bsr")
+    torch.manual_seed(3)
+    assert torch.equal(a, Dg.degrade(x, "bsr"))
     with pytest.raises(ValueError, match="kernel_size"):
         Dg.gaussian_blur(x, 4, 0.6)
+
+
+def test_bsr_with_any_generator_or_none_keeps_dtype_and_device():
+    x = images(B=2).to(torch.bfloat16)
+    a = Dg.bsr_degrade(x, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.bfloat16 and a.device == x.device and a.shape == x.shape
+    torch.manual_seed(5)
+    b = Dg.bsr_degrade(x)
+    torch.manual_seed(5)
+    assert torch.equal(b, Dg.bsr_degrade(x)) and not torch.equal(a, b)
+    # a generator's seeds are drawn on its own device (a CUDA generator works the same way)
+    g = torch.Generator().manual_seed(1)
+    seeds = torch.randint(0, 2**62, (2,), generator=g, device=g.device).tolist()
+    manual = torch.stack([Dg.bsr_degrade_image(img.float(), s) for img, s in zip(x, seeds)]).to(torch.bfloat16)
+    assert torch.equal(a, manual)
+
+
+def test_bsr_per_image_for_data_preparation():
+    """One image, uint8 HWC (as decoded by PIL) or float CHW, numpy or torch, seed or Generator:
+    same kind, dtype, layout and range back; the degradation does not depend on the layout."""
+    chw = images(B=1)[0]  # float (3, 32, 32) in [-1, 1]
+    u8_hwc = ((chw + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    out = Dg.bsr_degrade_image(u8_hwc, 7)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == u8_hwc.shape
+    assert np.array_equal(out, Dg.bsr_degrade_image(u8_hwc, np.random.default_rng(7)))  # a seed is a Generator's seed
+    assert not np.array_equal(out, Dg.bsr_degrade_image(u8_hwc, 8))
+    u8_chw = np.ascontiguousarray(u8_hwc.transpose(2, 0, 1))
+    assert np.array_equal(Dg.bsr_degrade_image(u8_chw, 7), out.transpose(2, 0, 1))
+    # float in [-1, 1], torch CHW: the float path of the same image (up to the 8-bit input rounding)
+    f = Dg.bsr_degrade_image(torch.from_numpy(u8_chw).float() / 127.5 - 1, 7)
+    assert isinstance(f, torch.Tensor) and f.dtype == torch.float32 and f.shape == (3, 32, 32)
+    assert f.min() >= -1 and f.max() <= 1
+    assert (((f + 1) * 127.5).round() - torch.from_numpy(out).permute(2, 0, 1).float()).abs().max() <= 1
+    assert Dg.bsr_degrade_image(u8_hwc, None).shape == u8_hwc.shape  # fresh entropy
+    with pytest.raises(ValueError, match="channels_last"):
+        Dg.bsr_degrade_image(np.zeros((3, 8, 3), np.uint8))
+    no_blur = Dg.BSRConfig(blur_prob=0.0)  # a 7-tap blur needs more than 3 rows
+    assert Dg.bsr_degrade_image(np.zeros((3, 8, 3), np.uint8), 0, no_blur, channels_last=True).shape == (3, 8, 3)
+    with pytest.raises(ValueError, match="channels"):
+        Dg.bsr_degrade_image(np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match="dtype"):
+        Dg.bsr_degrade_image(np.zeros((8, 8, 3), np.int32))

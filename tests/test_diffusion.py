@@ -75,23 +75,18 @@ def test_bad_config_names_the_argument(bad):
         D.make_scheduler(**bad)
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
-def test_ddim_matches_handwritten_reference(kind):
-    """Our loop (diffusers' DDIM) equals DDIM eq. 12 written out here, step for step, incl. eta>0."""
-    sched = D.make_scheduler("ddim", prediction_type=kind, clip_sample=None)
-    model = GaussianData(sched, mu=torch.tensor(0.3), s=0.5)
-    steps, eta = 8, 0.7
-    x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
-    ours = D.sample(model, sched, x_T, steps, eta=eta, generator=torch.Generator().manual_seed(1))
+def trailing_timesteps(T: int, steps: int) -> list[int]:
+    """'Trailing' spacing (Lin et al. 2024, table 2) from its definition: round(T - i T/n) - 1."""
+    return [round(T - i * T / steps) - 1 for i in range(steps)]
 
-    abar = sched.alphas_cumprod.double()
-    ts = list(range(999, 0, -1000 // steps))
-    gen = torch.Generator().manual_seed(1)
-    x = x_T.double()
+
+def ddim_reference(model, abar, x, ts, eta=0.0, gen=None, kind="epsilon"):
+    """DDIM, Song et al. eq. 12, in float64, through timesteps `ts`; the chain ends at abar = 1."""
+    x = x.double()
     for i, t in enumerate(ts):
         a_t = abar[t]
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-        out = model(x, torch.full((64,), t))
+        out = model(x, torch.full((x.shape[0],), t)).double()
         if kind == "epsilon":
             eps = out
             x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -105,7 +100,35 @@ def test_ddim_matches_handwritten_reference(kind):
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
         if eta > 0:
             x = x + sigma * torch.randn(x.shape, generator=gen, dtype=torch.float32).double()
-    torch.testing.assert_close(ours.double(), x, atol=1e-4, rtol=1e-4)
+    return x
+
+
+@pytest.mark.parametrize("steps", [8, 64, 27])
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_ddim_matches_handwritten_reference(kind, steps):
+    """Our loop equals DDIM eq. 12 written out here, step for step, incl. eta>0, also for step
+    counts that do not divide T (64 and 27 of 1000: diffusers' DDIMScheduler.step would pair the
+    timesteps wrongly and stop at abar_0)."""
+    sched = D.make_scheduler("ddim", prediction_type=kind, clip_sample=None)
+    model = GaussianData(sched, mu=torch.tensor(0.3), s=0.5)
+    eta = 0.7
+    x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    ours = D.sample(model, sched, x_T, steps, eta=eta, generator=torch.Generator().manual_seed(1))
+    ts = trailing_timesteps(1000, steps)
+    assert D.sampling_timesteps(sched, steps) == ts
+    ref = ddim_reference(model, sched.alphas_cumprod.double(), x_T, ts, eta, torch.Generator().manual_seed(1), kind)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+    # eta = 0: the last step returns the clean x0 prediction (no sigma ~ 0.01 of noise left)
+    model_t = lambda x, t, conditional=True: model(x, t)
+    seen = []
+    spy = lambda x, t, conditional=True: (seen.append(x), model(x, t))[1]
+    last = D.sample(spy, sched, x_T, steps)
+    x_last, t_last = seen[-1].double(), ts[-1]
+    a = sched.alphas_cumprod.double()[t_last]
+    out = model_t(x_last, torch.full((64,), t_last)).double()
+    x0 = {"epsilon": (x_last - (1 - a).sqrt() * out) / a.sqrt(), "sample": out,
+          "v_prediction": a.sqrt() * x_last - (1 - a).sqrt() * out}[kind]
+    torch.testing.assert_close(last.double(), x0, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -121,14 +144,34 @@ def test_samples_follow_the_data_distribution(sampler):
     assert abs(x.std().item() - 0.2) < 0.01
 
 
-def test_ddim_eta_one_is_ddpm():
-    """DDIM with eta=1 uses DDPM's posterior variance (fixed_small): same noise, same samples."""
+@pytest.mark.parametrize("steps", [20, 27, 7])
+def test_ddim_eta_one_is_ddpm(steps):
+    """DDIM with eta=1 uses DDPM's posterior variance (fixed_small): same noise, same samples.
+    diffusers' DDPMScheduler looks each previous timestep up in its list, an independent check of
+    our pairing when `steps` does not divide T."""
     ddim, ddpm = D.make_scheduler("ddim"), D.make_scheduler("ddpm")
     model = GaussianData(ddim, mu=torch.tensor(0.1), s=0.4)
     x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
-    a = D.sample(model, ddim, x_T, 20, eta=1.0, generator=torch.Generator().manual_seed(3))
-    b = D.sample(model, ddpm, x_T, 20, generator=torch.Generator().manual_seed(3))
+    a = D.sample(model, ddim, x_T, steps, eta=1.0, generator=torch.Generator().manual_seed(3))
+    b = D.sample(model, ddpm, x_T, steps, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_ddpm_last_step_lands_on_the_clean_mean():
+    """The last step goes to abar = 1, where the posterior has no variance: no noise is added
+    there, even by a learned variance asking for the most (v = 1; diffusers' DDPMScheduler adds
+    noise whenever t > 0, and trailing spacing's last t is T/steps - 1)."""
+    sched = D.make_scheduler("ddpm", learned_variance=True)
+    seen = []
+
+    def model(x, t, conditional=True):  # eps = 0, v = 1
+        seen.append((x, int(t[0])))
+        return torch.cat([torch.zeros_like(x), torch.ones_like(x)], 1)
+
+    out = D.sample(model, sched, (4, 2), 3, generator=torch.Generator().manual_seed(0))
+    x_last, t_last = seen[-1]
+    assert t_last == 332
+    torch.testing.assert_close(out, x_last / sched.alphas_cumprod[t_last].sqrt())
 
 
 def test_guidance_scale_one_is_conditional_and_combination_form():
@@ -163,6 +206,37 @@ def test_ddim_inversion_then_sampling_reconstructs():
     assert x_T.std() > 0.5  # it really went to noise level
     rec = D.sample(model, fwd, x_T, 100)
     assert psnr(rec, x0) >= 30.0
+
+
+def time_only_noise(x, t, conditional=True):
+    """An epsilon network whose output depends on t only: DDIM inversion of it is exact, so a
+    round trip tests that inversion and sampling visit the same noise levels, end to end."""
+    pattern = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return (torch.sin(t.double() / 97.0).view(-1, 1, 1, 1) * pattern + 0.1 * pattern**2).to(x.dtype)
+
+
+@pytest.mark.parametrize("steps", [64, 27, 15, 7, 10])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ddim_inversion_round_trip_is_exact(steps, dtype):
+    inv, fwd = D.make_scheduler("ddim_inverse"), D.make_scheduler("ddim")
+    x0 = (torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1).to(dtype)
+    x_T = D.ddim_invert(time_only_noise, inv, x0, steps)
+    # reference: eq. 12 with eta = 0 backwards, from abar = 1 up through the trailing timesteps
+    abar, x, a_prev = fwd.alphas_cumprod.double(), x0.double(), torch.tensor(1.0, dtype=torch.float64)
+    for t in trailing_timesteps(1000, steps)[::-1]:
+        eps = time_only_noise(x, torch.full((2,), t))
+        x = abar[t].sqrt() * (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - abar[t]).sqrt() * eps
+        a_prev = abar[t]
+    torch.testing.assert_close(x_T.double(), x, atol=1e-5, rtol=1e-5)
+    rec = D.sample(time_only_noise, fwd, x_T, steps)
+    # float32: x_T holds x0 only with weight sqrt(abar_999) ~ 5e-5, so its 6e-8 resolution limits
+    # the round trip to ~1e-3; float64 shows the chain itself is exact
+    assert (rec - x0).abs().max() < (1e-10 if dtype == torch.float64 else 5e-3)
+
+
+def test_ddim_inversion_refuses_x0_prediction():
+    with pytest.raises(ValueError, match="sample"):
+        D.ddim_invert(lambda x, t, c=True: x, D.make_scheduler("ddim_inverse", prediction_type="sample"), torch.zeros(1, 1, 1, 1), 4)
 
 
 def test_eta_controls_randomness():

@@ -324,3 +324,63 @@ def test_loads_diffusers_save_pretrained(tmp_path):
     bad = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16, num_embeddings=6, additional_embeddings=3)
     with pytest.raises(ValueError, match="additional_embeddings"):
         DiffusionPrior.from_diffusers(bad)
+
+
+def test_karlo_layout_samples_as_diffusers_unclip_pipeline(tmp_path):
+    """A Karlo-style directory pair (prior/ + prior_scheduler/, tiny, written by diffusers'
+    save_pretrained): our guided DDPM sampling equals the prior half of diffusers'
+    UnCLIPPipeline written out with diffusers' own components (PriorTransformer.forward with the
+    empty caption's encoding as the unconditional branch, UnCLIPScheduler.step with its +-5 x0
+    clamp, post_process_latents, no L2 normalisation), on the same timesteps and noise draws."""
+    from diffusers import UnCLIPScheduler
+
+    torch.manual_seed(0)
+    D, L = 16, 6
+    reference = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=D,
+                                 num_embeddings=L, additional_embeddings=4).eval()
+    _perturb(reference)
+    with torch.no_grad():  # latents beyond +-5, so that the clamp matters
+        reference.proj_to_clip_embeddings.weight.mul_(40.0)
+        reference.clip_std.copy_(0.2 + torch.rand(D))
+    reference.save_pretrained(tmp_path / "prior")
+    karlo = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                            clip_sample_range=5.0)  # Karlo's prior scheduler (diffusers' conversion script)
+    karlo.save_pretrained(tmp_path / "prior_scheduler")
+    ours = DiffusionPrior.from_diffusers(tmp_path / "prior", scheduler=tmp_path / "prior_scheduler").eval()
+    assert ours.config.clip_sample == 5.0 and ours.config.normalize is False
+
+    g = torch.Generator().manual_seed(1)
+    emb, states = 3 * torch.randn(2, D, generator=g), torch.randn(2, L, D, generator=g)  # unnormalised, as CLIP's projections
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    empty_emb, empty_states = 3 * torch.randn(D, generator=g), torch.randn(L, D, generator=g)
+    empty_mask = torch.arange(L) < 2  # "" is [start, end]
+    ours.set_null_condition(empty_emb, empty_states, empty_mask)
+    steps, scale = 5, 4.0
+
+    def diffusers_prior(clip: bool) -> torch.Tensor:
+        scheduler = UnCLIPScheduler.from_config(karlo.config, clip_sample=clip)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(2, D, generator=gen)  # prepare_latents (init_noise_sigma = 1)
+        ts = [round(1000 - i * 1000 / steps) - 1 for i in range(steps)]  # our (trailing) timesteps
+        both_emb = torch.cat([empty_emb.expand(2, -1), emb])
+        both_states = torch.cat([empty_states.expand(2, -1, -1), states])
+        both_mask = torch.cat([empty_mask.expand(2, -1), mask])
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                pred = reference(torch.cat([x, x]), timestep=t, proj_embedding=both_emb, encoder_hidden_states=both_states,
+                                 attention_mask=both_mask).predicted_image_embedding
+                uncond, cond = pred.chunk(2)
+                pred = uncond + scale * (cond - uncond)
+                prev = ts[i + 1] if i + 1 < len(ts) else -1  # -1: abar = 1 (diffusers: t - 1 when t = 0)
+                x = scheduler.step(pred, timestep=t, sample=x, prev_timestep=prev, generator=gen).prev_sample
+            return reference.post_process_latents(x)
+
+    expected = diffusers_prior(clip=True)
+    assert not torch.allclose(expected, diffusers_prior(clip=False), atol=1e-3)  # the clamp acted
+    z = ours.sample(emb, states, mask, steps=steps, sampler="ddpm", guidance_scale=scale, candidates=1,
+                    generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-4)
+    assert (z.norm(dim=-1) - 1).abs().min() > 0.1  # not projected onto the unit sphere
+
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionPrior.from_diffusers(tmp_path / "prior", scheduler=UnCLIPScheduler(prediction_type="epsilon"))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import decoder as dec
+from models import prior as prior_mod
 from models import upsampler as ups
 from models.pca import PcaBasis
 from models.sizes import config_for
@@ -228,14 +229,76 @@ def test_text_diff_frames_and_pca_probe(model):
                                atol=1e-5, rtol=1e-4)
 
 
-def test_with_the_real_diffusion_prior(model):
-    """The Protocol fits models.prior.DiffusionPrior (tiny, random): text -> z_i -> image."""
-    prior_mod = pytest.importorskip("models.prior")
+def real_prior(normalize=True):
     torch.manual_seed(0)
-    prior = prior_mod.DiffusionPrior(config_for("prior", "tiny", embed_dim=DEC.embed_dim, text_dim=DEC.text_dim)).eval()
+    return perturb(prior_mod.DiffusionPrior(config_for("prior", "tiny", embed_dim=DEC.embed_dim, text_dim=DEC.text_dim, normalize=normalize)), scale=0.02).eval()
+
+
+def test_with_the_real_diffusion_prior(model):
+    """Real tiny prior, decoder and upsampler: the composed sampler is the three stages run one
+    after the other with one generator (each stage called through its own API here)."""
+    prior = real_prior()
     unclip = UnCLIP(model.decoder, prior, model.upsamplers, fake_text_encoder)
-    image, z_i = unclip.sample(["a red circle"], generator=torch.Generator().manual_seed(0),
-                               prior=dict(steps=2, guidance_scale=2.0, candidates=2), decoder=Stage(steps=2),
-                               upsamplers=[Stage(steps=1)], return_image_emb=True)
+    kwargs = dict(prior=dict(steps=3, guidance_scale=2.0, candidates=2), decoder=Stage(steps=2, guidance_scale=3.0),
+                  upsamplers=[Stage(steps=2)])
+    image, z_i = unclip.sample(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0),
+                               return_image_emb=True, **kwargs)
+    assert image.shape == (2, 3, 32, 32) and torch.isfinite(image).all()
+    torch.testing.assert_close(z_i.norm(dim=-1), torch.ones(2))
+
+    g = torch.Generator().manual_seed(0)
+    text = fake_text_encoder(["a red circle", "a blue square"])
+    z = prior.sample(text.emb, text.states, text.mask, steps=3, guidance_scale=2.0, candidates=2, generator=g)
+    low = model.decoder.sample(z, text.emb, text.states, text.mask, steps=2, guidance_scale=3.0, generator=g)
+    expected = model.upsamplers[0].sample(low, steps=2, generator=g)
+    assert torch.equal(z, z_i) and torch.equal(image, expected)
+
+
+def test_with_the_real_ar_prior(model):
+    from models.ar_prior import ARPrior
+    from models.pca import fit_pca
+
+    g = torch.Generator().manual_seed(0)
+    zs = F.normalize(torch.randn(64, DEC.embed_dim, generator=g), dim=-1)
+    zt = F.normalize(torch.randn(64, DEC.embed_dim, generator=g), dim=-1)
+    basis = fit_pca(zs, 4, 8, (zs * zt).sum(-1), 4)
+    torch.manual_seed(0)
+    prior = ARPrior.from_basis(basis, text_dim=DEC.text_dim, text_len=6, width=32, num_heads=2, num_layers=1).eval()
+    unclip = UnCLIP(model.decoder, prior, model.upsamplers, fake_text_encoder)
+    image, z_i = unclip.sample(["a red circle"], generator=torch.Generator().manual_seed(0), prior=dict(temperature=0.5),
+                               decoder=Stage(steps=2), upsamplers=[Stage(steps=1)], return_image_emb=True)
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     torch.testing.assert_close(z_i.norm(dim=-1), torch.ones(1))
+
+
+def test_karlo_conventions_unnormalised_embeddings_and_empty_caption_null(model):
+    """With Karlo-convention stages (a prior that does not normalise, as from_diffusers builds
+    it), z_t and z_i reach the decoder unnormalised, and use_empty_caption_as_null makes both
+    stages' unconditional branch the encoded empty caption."""
+    def raw_text_encoder(captions):  # unnormalised z_t, as CLIP's text projection
+        text = fake_text_encoder(captions)
+        return TextCondition(3.0 * text.emb, text.states, text.mask)
+
+    decoder = dec.Decoder(DEC)
+    decoder.load_state_dict(model.decoder.state_dict())
+    prior = real_prior(normalize=False)
+    unclip = UnCLIP(decoder.eval(), prior, [], raw_text_encoder)
+    unclip.use_empty_caption_as_null()
+    empty = raw_text_encoder([""])
+    visible = int(empty.mask.sum())
+    assert decoder.config.null_text_len == visible
+    torch.testing.assert_close(decoder.null_text_states, empty.states[0, :visible])
+    torch.testing.assert_close(decoder.null_text_emb, empty.emb[0])
+    torch.testing.assert_close(prior.null_text_emb, empty.emb[0])
+    assert prior.null_text_mask.tolist() == empty.mask[0].tolist() + [False] * (prior.config.text_len - 6)
+
+    seen = []
+    orig = decoder.forward
+    decoder.forward = lambda x, t, image_emb, text_emb=None, *a, **kw: (seen.append((image_emb, text_emb)), orig(x, t, image_emb, text_emb, *a, **kw))[1]
+    try:
+        _, z_i = unclip.sample(["a red circle"], generator=torch.Generator().manual_seed(0), prior=dict(steps=2, candidates=1),
+                               decoder=Stage(steps=1, guidance_scale=2.0), return_image_emb=True)
+    finally:
+        del decoder.forward
+    assert abs(z_i.norm().item() - 1) > 0.1  # not projected onto the unit sphere
+    assert torch.equal(seen[0][0], z_i) and torch.equal(seen[0][1], raw_text_encoder(["a red circle"]).emb)
