@@ -168,6 +168,7 @@ def test_run_writes_artifact_and_logs_to_mlflow(tmp_path):
     _write_table(embed_dir, z[200:], ["train"] * 100, "00001")
     ctx = StageContext("pca", tmp_path, out, {"embed": embed_dir}, seed=0, show_progress=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    mlflow.set_experiment("pca")  # not an experiment id another test left active in this process
     with mlflow.start_run() as active:
         counts = run(PcaConfig(kept_dims=8, num_buckets=16), ctx)
     assert counts["rows_fit"] == 250 and counts["rows_available"] == 250  # heldout excluded

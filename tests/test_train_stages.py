@@ -85,6 +85,10 @@ def test_two_workers_take_the_same_first_step_as_one_worker_with_twice_the_batch
     moved = [k for k in before if not torch.equal(before[k], results[1][k])]
     assert moved, "the step changed nothing"
     for key in before:
+        if key.endswith("to_k.bias"):
+            # softmax ignores a shift shared by all keys: this gradient is 0 up to round-off, which
+            # AdamW's first step (g / (|g| + eps)) turns into ±lr either way
+            continue
         torch.testing.assert_close(results[2][key], results[1][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
