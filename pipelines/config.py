@@ -6,6 +6,7 @@ A bad config fails here, before any work starts, with the key, the bad value and
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.embed import EmbedConfig
 from tasks.ingest import IngestConfig
 from tasks.pca import PcaConfig
+from tasks.register import RegisterConfig
 from tasks.synth import SynthConfig
 from tasks.train_clip import TrainClipConfig
 from tasks.train_decoder import TrainDecoderConfig
@@ -22,7 +24,8 @@ from tasks.train_prior import TrainPriorConfig
 from tasks.train_upsampler import TrainUpsamplerConfig
 
 # the DAG's topological order; pipelines.dag holds the edges
-STAGE_ORDER = ("synth", "ingest", "train_clip", "embed", "pca", "train_prior", "train_decoder", "train_upsampler")
+STAGE_ORDER = ("synth", "ingest", "train_clip", "embed", "pca", "train_prior", "train_decoder", "train_upsampler",
+               "register")
 OPTIONAL_STAGES = ("train_clip",)  # run only when listed in `stages` (embed.clip_from: train_clip)
 
 
@@ -45,6 +48,11 @@ class RayConfig(BaseModel):
     object_store_mb: int | None = Field(None, ge=64, description="local instance only")
 
 
+# The `register` section: pydantic warns that it shadows BaseModel's `register`, which is ABCMeta's
+# class method, on the metaclass: instances see the field, the class keeps the method.
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +72,7 @@ class PipelineConfig(BaseModel):
     train_prior: TrainPriorConfig = Field(default_factory=TrainPriorConfig)
     train_decoder: TrainDecoderConfig = Field(default_factory=TrainDecoderConfig)
     train_upsampler: TrainUpsamplerConfig = Field(default_factory=TrainUpsamplerConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @field_validator("stages")
     @classmethod

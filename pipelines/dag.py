@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, ingest, pca, synth, train_clip, train_decoder, train_prior, train_upsampler
+from tasks import embed, ingest, pca, register, synth, train_clip, train_decoder, train_prior, train_upsampler
+
+
+# register takes the stack's parts from every stage of this run that makes one, and the metrics
+# that gate promotion from evaluate when it runs
+REGISTER_NEEDS = ("embed", "train_prior", "train_decoder")
+REGISTER_TAKES_IF_RUN = ("pca", "train_upsampler", "evaluate")
+
+
+def register_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    return REGISTER_NEEDS + tuple(s for s in REGISTER_TAKES_IF_RUN if s in cfg.stages)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ DAG: dict[str, Stage] = {
     "train_upsampler": Stage(
         "train_upsampler", train_upsampler.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True
     ),
+    "register": Stage("register", register.run, inputs=register_inputs),
 }
 assert tuple(DAG) == STAGE_ORDER
 

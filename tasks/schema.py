@@ -168,18 +168,54 @@ CLIP_WEIGHTS_NAME = "clip.safetensors"
 def load_embedding_clip(embed_dir: str | os.PathLike, device: str = "cpu"):
     """The frozen `models.clip.ClipEncoder` that embedded the table in `embed_dir` (for encoding
     prompts at sampling time with exactly the same CLIP)."""
+    clip_dir = Path(embed_dir) / CLIP_DIR
+    if not (clip_dir / CLIP_SPEC_NAME).is_file():
+        raise FileNotFoundError(f"{clip_dir / CLIP_SPEC_NAME} is missing: {embed_dir} is not an embed stage output")
+    return load_clip_dir(clip_dir, device)
+
+
+def load_clip_dir(clip_dir: str | os.PathLike, device: str = "cpu"):
+    """The frozen CLIP of a CLIP directory (`<embed dir>/clip`, or one made by `export_clip_dir`)."""
     from models.clip import load_clip
 
-    clip_dir = Path(embed_dir) / CLIP_DIR
+    clip_dir = Path(clip_dir)
     spec_path = clip_dir / CLIP_SPEC_NAME
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{spec_path} is missing: {embed_dir} is not an embed stage output")
+        raise FileNotFoundError(f"{spec_path} is missing: {clip_dir} is not a CLIP directory (an embed stage's `clip/`)")
     spec = json.loads(spec_path.read_text())
     pretrained = spec.get("pretrained")
-    if (clip_dir / CLIP_WEIGHTS_NAME).is_file() and spec.get("random_init_seed") is not None:
-        pretrained = str(clip_dir / CLIP_WEIGHTS_NAME)  # the table's own copy, wherever storage moved
+    # The directory's own weights file, wherever it moved: random-init weights the embed stage
+    # created, or weights bundled by export_clip_dir.
+    if (clip_dir / CLIP_WEIGHTS_NAME).is_file() and (spec.get("random_init_seed") is not None or spec.get("bundled")):
+        pretrained = str(clip_dir / CLIP_WEIGHTS_NAME)
     return load_clip(spec.get("model"), pretrained, arch=spec.get("arch"), device=device,
                      precision=spec.get("precision", "fp32"), context_length=spec.get("context_length"))
+
+
+def export_clip_dir(clip_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A self-contained copy of a CLIP directory: the spec plus the weights in `dest/clip.safetensors`,
+    whether they were a random init, a local file or a named open_clip tag (loaded from the local
+    cache, so nothing downloads). What a registered model carries, so it loads on any machine."""
+    clip_dir, dest = Path(clip_dir), Path(dest)
+    spec = json.loads((clip_dir / CLIP_SPEC_NAME).read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = dest / CLIP_WEIGHTS_NAME
+    own = clip_dir / CLIP_WEIGHTS_NAME
+    pretrained = spec.get("pretrained")
+    if own.is_file() and (spec.get("random_init_seed") is not None or spec.get("bundled")):
+        link_or_copy(own, weights)
+    elif pretrained and Path(pretrained).is_file():
+        link_or_copy(Path(pretrained), weights)
+    elif str(spec.get("model") or "").startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"{clip_dir}: CLIP {spec['model']!r} cannot be bundled into a model (its config lives "
+                         "outside open_clip); embed with a built-in open_clip name or a custom arch")
+    else:  # a named tag: the weights open_clip loads from its cache
+        from models.clip import save_clip_weights
+
+        save_clip_weights(load_clip_dir(clip_dir), weights)
+    spec = {**spec, "bundled": True, "pretrained_source": pretrained, "pretrained": None}
+    atomic_write(dest / CLIP_SPEC_NAME, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
+    return dest
 
 
 def embedding_file(directory: str | os.PathLike, shard: str) -> Path:
@@ -248,6 +284,16 @@ def read_embeddings(source: str | os.PathLike | Iterable[str | os.PathLike],
         raise FileNotFoundError(f"no embedding files in {source}")
     tables = [pq.read_table(f, columns=columns) for f in files]
     return pa.concat_tables(tables, promote_options="none")
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link where the file system allows it (large weights are not copied twice), else a copy."""
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import pipelines.runner
 from pipelines.cli import app
-from pipelines.config import load_config
+from pipelines.config import STAGE_ORDER, load_config
 from pipelines.runner import run_pipeline
 
 QUICK = str(Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml")
@@ -148,7 +148,7 @@ def test_url_list_without_the_configured_columns(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--only", "train_magic"], "--only 'train_magic': no such stage (stages: synth, ingest, train_clip, embed, pca, train_prior, train_decoder, train_upsampler)"),
+    (["--only", "train_magic"], f"--only 'train_magic': no such stage (stages: {', '.join(STAGE_ORDER)})"),
     (["--only", "ingest,embed"], "repeat --only for several stages"),
     (["--until", "pca", "--set", "stages=[synth]"], "--until 'pca': not one of this config's stages (synth)"),
 ])

@@ -30,7 +30,7 @@ def test_override_sets_typed_value():
         ("ingest.max_failure_rate=1.5", "ingest.max_failure_rate", "less than or equal to 1"),
         ("synth.n=0", "synth.n", "greater than or equal to 1"),
         ("ingest.bogus=1", "ingest.bogus", "allowed here: additional_columns"),
-        ("stages=[synth, train_magic]", "stages.1", "'train_decoder' or 'train_upsampler'"),
+        ("stages=[synth, train_magic]", "stages.1", "'train_decoder', 'train_upsampler'"),
         ("ingest.distributor=spark", "ingest.distributor", "'auto', 'multiprocessing' or 'ray'"),
     ],
 )
