@@ -52,6 +52,7 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: no clipping)")
@@ -294,7 +295,7 @@ def train_loop(config: dict[str, Any]) -> None:
         load_init_weights(network, config["init_from"])
     network.to(device)
     ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     step, counters = 0, {"skipped_steps": 0, "samples": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()
