@@ -377,7 +377,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 report = {**last, "step": step, "skipped_steps": counters["skipped_steps"],
                           "resumed_from_step": counters["resumed_from_step"]}
-                if val_shard is not None:
+                if val_shard is not None and rank == 0:  # rank 0's metrics score the checkpoint
                     report["val_loss"] = validation_loss(ema.module, objective, make_batch, val_shard, cfg, config["seed"], device, autocast)
                 ckpt = None
                 tmp = None
