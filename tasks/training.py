@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.context import EXECUTION_ONLY, StageContext
-from tasks.progress import progress
+from tasks.progress import progress as progress_bar
 
 RAY_RUN_NAME = "ray_train"
 EXPORTS = ("ema", "network", "best")
@@ -505,7 +505,7 @@ def _progress(total: int, start: int, config: dict[str, Any]):
     if not config["show_progress"]:
         return None
     if not config["interactive"]:  # lines on this worker's stderr, which Ray forwards to the driver's log
-        return progress(total=total, initial=start, desc=config["stage"], unit="step", interactive=False)
+        return progress_bar(total=total, initial=start, desc=config["stage"], unit="step", interactive=False)
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc=config["stage"], unit="step")
