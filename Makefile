@@ -11,7 +11,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean ray-head ray-stop
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,18 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q --durations=15
+
+# A local Ray head for `ray job submit` (README "On a Ray cluster"). A job's entrypoint runs with
+# the environment of the process that started the head, so the venv's bin goes first on its PATH
+# (that is where `unclip` is) and the exports above (loopback, no auth token, offline) apply too.
+# Extra `ray start` flags: make ray-head RAY_HEAD_ARGS="--num-cpus 8 --dashboard-port 8266"
+RAY_HEAD_ARGS ?=
+ray-head: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/ray start --head --dashboard-host 127.0.0.1 --num-cpus 2 $(RAY_HEAD_ARGS)
+
+# Stops every Ray instance this user runs on this machine (`ray stop` cannot pick one).
+ray-stop:
+	$(VENV)/bin/ray stop
 
 clean:
 	rm -rf outputs .pytest_cache

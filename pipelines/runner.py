@@ -33,6 +33,7 @@ MLFLOW_RUN_ID = ".mlflow_run_id"
 STARTED = ".started"  # not *.json: img2dataset treats every json in its folder as a finished shard
 
 console = Console(stderr=True)
+console.soft_wrap = not console.is_terminal  # in a log (`ray job logs`, CI) a message stays on one line
 
 
 class StageInputMissing(RuntimeError):

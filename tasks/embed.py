@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.context import EXECUTION_ONLY, StageContext
+from tasks.progress import progress
 from tasks.schema import (
     CAPTION_EXTENSION,
     CLIP_DIR,
@@ -397,12 +398,6 @@ def _shard_table(rows: list[dict[str, np.ndarray]], schema) -> tuple:
     return embedding_table(data, schema), counts
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="embed: shards", unit="shard", disable=not enabled)
-
-
 def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     import ray
 
@@ -474,7 +469,7 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         seen: dict[str, int] = defaultdict(int)
         expected: dict[str, int] = {}
         truncated: set[str] = set()
-        with _progress(len(pending), ctx.show_progress) as bar:
+        with progress(total=len(pending), desc="embed: shards", unit="shard", enabled=ctx.show_progress) as bar:
             def finish(shard: str):
                 table, status_counts = _shard_table(buffers.pop(shard), schema)
                 meta = {**embed_metadata(schema), "source": sources[shard]}

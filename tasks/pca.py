@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from models.pca import PcaBasis, fit_pca
 from tasks.context import StageContext
+from tasks.progress import progress
 from tasks.schema import PCA_META, list_embedding_files, read_pca_meta, save_pca, to_matrix
 
 __all__ = ["PcaConfig", "run", "fit_basis", "dims_for_variance"]
@@ -59,7 +59,7 @@ def _load_image_embeddings(files, cfg: PcaConfig, seed: int, show_progress: bool
     keep_prob = 1.0 if cfg.sample_size is None or cfg.sample_size >= total else cfg.sample_size / total
     rng = np.random.default_rng(seed)
     embs, sims, available = [], [], 0
-    for f in tqdm(files, desc="pca: reading embeddings", unit="file", disable=not show_progress):
+    for f in progress(files, desc="pca: reading embeddings", unit="file", enabled=show_progress):
         table = pq.read_table(f, columns=["image_emb", "similarity", "split"])
         if cfg.exclude_splits:
             table = table.filter(pc.invert(pc.is_in(table["split"], value_set=pa.array(cfg.exclude_splits, type=pa.string()))))

@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from tasks.context import StageContext
+from tasks.progress import progress as progress_bar
 from tasks.shapes import render, sample_scene, split_of
 
 
@@ -36,7 +36,7 @@ def generate(out_dir: Path, n: int, seed: int, image_size: int = 128, two_object
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = {"id": [], "path": [], "caption": [], "split": [], "objects": []}
-    for i in tqdm(range(n), desc="synth", disable=not progress, unit="img"):
+    for i in progress_bar(range(n), desc="synth", unit="img", enabled=progress):
         objects, caption = sample_scene(rng, two_object_fraction)
         image_id = f"{i:07d}"
         path = f"images/{image_id}.png"

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.context import EXECUTION_ONLY, StageContext
+from tasks.progress import progress as progress_bar
 
 RAY_RUN_NAME = "ray_train"
 EXPORTS = ("ema", "network", "best")
@@ -167,6 +169,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id if active else None},
         "has_validation": val_ds is not None,
         "show_progress": ctx.show_progress,
+        "interactive": sys.stderr.isatty(),  # the driver's terminal decides: a bar, or log lines (tasks/progress.py)
         "stage": ctx.name,
     }
     trainer = TorchTrainer(
@@ -501,6 +504,8 @@ class _Logger:
 def _progress(total: int, start: int, config: dict[str, Any]):
     if not config["show_progress"]:
         return None
+    if not config["interactive"]:  # lines on this worker's stderr, which Ray forwards to the driver's log
+        return progress_bar(total=total, initial=start, desc=config["stage"], unit="step", interactive=False)
     from ray.experimental.tqdm_ray import tqdm
 
     bar = tqdm(total=total, desc=config["stage"], unit="step")
