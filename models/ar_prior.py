@@ -18,8 +18,10 @@ it. Its kept part lives in the model's buffers, so a checkpoint is self-containe
 the z_i.z_t bucket edges builds a model that refuses to train or sample (the dot token would mean
 nothing), with an error that says how to get them.
 
-Sampling recomputes the whole sequence at each of the k steps (no key/value cache): fine for the
-sizes trained here; a cache is the first thing to add for paper-size (k=319) sampling.
+Sampling keeps each layer's keys and values (`KVCache`): the prefix runs once, then each new
+token runs one position against the cache instead of the whole sequence again; with guidance the
+conditional and null-condition rows share one batch. `sample(use_cache=False)` is the plain path
+(the whole sequence through `nn.TransformerEncoder` at every step), kept as the reference.
 """
 
 from __future__ import annotations
@@ -186,13 +188,10 @@ class ARPrior(nn.Module):
     def prepare_text(self, text_states, text_mask):
         return pad_caption(text_states, text_mask, self.config.text_dim, self.config.text_len)
 
-    def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop_text: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, n+1, num_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),
-        the dot bucket [B] and the text condition; rows with drop_text=True use the null condition."""
-        c = self.config
-        b, n = tokens.shape
-        if n >= c.kept_dims:
-            raise ValueError(f"tokens must have fewer than kept_dims={c.kept_dims} columns, got {n}")
+    def _prefix(self, dot, text_emb, text_states, text_mask, drop_text: torch.Tensor | None = None):
+        """Prefix inputs [B, 2 + text_len, width] (z_t, caption states, dot token; no positions
+        yet) and which of them are padding keys [B, 2 + text_len]; drop_text rows get the null condition."""
+        b, c = dot.shape[0], self.config
         if text_emb.shape != (b, c.embed_dim):
             raise ValueError(f"text_emb must be [{b}, {c.embed_dim}], got {tuple(text_emb.shape)}")
         text_states, text_mask = self.prepare_text(text_states, text_mask)
@@ -203,15 +202,48 @@ class ARPrior(nn.Module):
             text_states = torch.where(d[..., None], self.null_text_states, text_states)
             text_mask = text_mask | d
             dot_h = torch.where(d, self.null_dot, dot_h)
-        h = torch.cat(
-            [self.text_emb_in(text_emb)[:, None], self.text_states_in(text_states), dot_h[:, None], self.token_embed(tokens)], dim=1
-        )
+        h = torch.cat([self.text_emb_in(text_emb)[:, None], self.text_states_in(text_states), dot_h[:, None]], dim=1)
+        return h, F.pad(~text_mask, (1, 1), value=False)
+
+    def forward(self, tokens, dot, text_emb, text_states, text_mask=None, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, n+1, num_buckets] for tokens 1..n+1 given the first n tokens [B, n] (n < k),
+        the dot bucket [B] and the text condition; rows with drop_text=True use the null condition."""
+        c = self.config
+        n = tokens.shape[1]
+        if n >= c.kept_dims:
+            raise ValueError(f"tokens must have fewer than kept_dims={c.kept_dims} columns, got {n}")
+        prefix, pad = self._prefix(dot, text_emb, text_states, text_mask, drop_text)
+        h = torch.cat([prefix, self.token_embed(tokens)], dim=1)
         L = h.shape[1]
         h = h + self.pos_embed[:L]
-        pad = F.pad(~text_mask, (1, L - 1 - c.text_len), value=False)  # keys that are padding
+        pad = F.pad(pad, (0, n), value=False)  # keys that are padding
         # is_causal=True: left to detect it, nn.TransformerEncoder compares the mask on the host (a device sync)
         h = self.blocks(h, mask=self.causal_mask[:L, :L], src_key_padding_mask=pad, is_causal=True)
         return self.head(self.norm_out(h[:, 1 + c.text_len :]))
+
+    def extend(self, h: torch.Tensor, key_pad: torch.Tensor, cache: "KVCache") -> torch.Tensor:
+        """Run the next positions [cache.length, cache.length + n) (inputs h [B, n, width] without
+        positions; key_pad [B, n] marks padding) through the blocks against the cached keys and
+        values; returns their outputs [B, n, width] and appends their keys and values to the cache.
+        The same arithmetic as `self.blocks` (pre-norm layers), one layer at a time."""
+        b, n, width = h.shape
+        start, end = cache.length, cache.length + h.shape[1]
+        heads = self.config.num_heads
+        h = h + self.pos_embed[start:end]
+        cache.keep[:, start:end] = ~key_pad
+        allowed = (~self.causal_mask[start:end, :end] & cache.keep[:, None, :end])[:, None]  # [B, 1, n, end]
+        for i, layer in enumerate(self.blocks.layers):
+            attn = layer.self_attn
+            qkv = F.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # each [B, heads, n, head_dim]
+            cache.keys[i][:, :, start:end] = k
+            cache.values[i][:, :, start:end] = v
+            a = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], attn_mask=allowed,
+                                               dropout_p=attn.dropout if self.training else 0.0)
+            h = h + layer.dropout1(attn.out_proj(a.transpose(1, 2).reshape(b, n, width)))
+            h = h + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(h))))))
+        cache.length = end
+        return h
 
     # ----- sampling -----
     def guided_logits(self, tokens, dot, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:
@@ -243,10 +275,12 @@ class ARPrior(nn.Module):
         generator: torch.Generator | None = None,
         normalize: bool = True,
         return_tokens: bool = False,
+        use_cache: bool = True,
     ):
         """Draw z_i [B, D] token by token. dot_bucket: int or [B] tensor in [0, similarity_buckets);
         None draws it from the top half. temperature 0 is greedy. Needs the fitted dot edges: a
-        bucket means a range of z_i.z_t only through them."""
+        bucket means a range of z_i.z_t only through them. use_cache=False reruns the whole
+        sequence for every token (slow; the reference the cached path is tested against)."""
         self._require_basis(dot_edges=True)
         b, device, n_dot = text_emb.shape[0], text_emb.device, self.config.similarity_buckets
         if dot_bucket is None:
@@ -258,17 +292,64 @@ class ARPrior(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         gen_device = generator.device if generator is not None else "cpu"
-        tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
-        for _ in range(self.config.kept_dims):
-            logits = self.guided_logits(tokens, dot, text_emb, text_states, text_mask, guidance_scale).float()
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
             if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1).to(device)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                return logits.argmax(-1)
+            probs = torch.softmax(logits / temperature, dim=-1)
+            return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1).to(device)
+
+        if use_cache:
+            tokens = self._sample_tokens_cached(dot, text_emb, text_states, text_mask, guidance_scale, pick)
+        else:
+            tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
+            for _ in range(self.config.kept_dims):
+                logits = self.guided_logits(tokens, dot, text_emb, text_states, text_mask, guidance_scale).float()
+                tokens = torch.cat([tokens, pick(logits)[:, None]], dim=1)
         z = self.detokenize(tokens, normalize=normalize)
         return (z, tokens) if return_tokens else z
+
+    def _sample_tokens_cached(self, dot, text_emb, text_states, text_mask, guidance_scale: float, pick) -> torch.Tensor:
+        """The k tokens [B, k]: the prefix runs once, then one position per token."""
+        b, k = dot.shape[0], self.config.kept_dims
+        guided = guidance_scale != 1.0
+        drop = None
+        if guided:  # rows [0, b) conditional, [b, 2b) the null condition: one batch, one cache
+            text_states, text_mask = self.prepare_text(text_states, text_mask)
+            dot, text_emb, text_states, text_mask = (torch.cat([x, x]) for x in (dot, text_emb, text_states, text_mask))
+            drop = torch.arange(2 * b, device=dot.device) >= b
+        prefix, pad = self._prefix(dot, text_emb, text_states, text_mask, drop)
+        cache = KVCache.for_model(self, prefix.shape[0], prefix.dtype, prefix.device)
+        out = self.extend(prefix, pad, cache)[:, -1]
+        no_pad = torch.zeros(prefix.shape[0], 1, dtype=torch.bool, device=prefix.device)
+        tokens = []
+        for j in range(k):
+            logits = self.head(self.norm_out(out))
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance_scale * (cond - uncond)
+            tokens.append(pick(logits.float()))
+            if j + 1 < k:  # the last token is never read
+                nxt = torch.cat([tokens[-1], tokens[-1]]) if guided else tokens[-1]
+                out = self.extend(self.token_embed(nxt)[:, None], no_pad, cache)[:, -1]
+        return torch.stack(tokens, dim=1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the first `length` positions, preallocated to the whole
+    sequence ([B, heads, seq_len, head_dim] per layer); keep[b, j]: position j may be attended (not padding)."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    keep: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def for_model(cls, model: ARPrior, batch: int, dtype: torch.dtype, device) -> "KVCache":
+        c = model.config
+        shape = (batch, c.num_heads, model.seq_len, c.width // c.num_heads)
+        empty = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+        return cls(empty(), empty(), torch.zeros(batch, model.seq_len, dtype=torch.bool, device=device))
 
 
 # ----- training objective (models.objective) -----
