@@ -10,6 +10,11 @@ Parts (`PARTS`, each a directory): the CLIP that embedded the table (`embed/clip
 optional), the PCA basis (`pca/`, optional). `which="best"` takes each stage's best-by-validation
 EMA instead of its final one. `load_stack_parts` loads from any such dict of directories (e.g. a
 registered model's artifacts, tasks.serving), `load_stack` from a storage directory.
+
+`resolve_model` turns the sampling CLI's --model, a storage directory or a registry URI
+(`models:/name@alias`, `models:/name/version`, downloaded), into such a dict; `find_parts` finds
+the parts in a downloaded model: a pyfunc whose artifacts are named after the parts (tasks.register
+logs one), part folders with those names, or a run's storage layout.
 """
 
 from __future__ import annotations
@@ -64,6 +69,78 @@ def stack_parts(storage: str | os.PathLike, which: Literal["ema", "best"] = "ema
         raise StackError(f"{storage} has no trained {', '.join(missing)}: run the pipeline there first "
                          f"(e.g. unclip run pipelines/configs/quick.yaml --storage {storage})")
     return parts
+
+
+def find_parts(directory: str | os.PathLike, which: Literal["ema", "best"] = "ema") -> dict[str, Path | None]:
+    """The parts of a stack somewhere below `directory` (e.g. a downloaded registered model); StackError
+    saying what was expected and found otherwise."""
+    directory = Path(directory)
+    folders = sorted((p for p in [directory, *directory.rglob("*")] if p.is_dir()), key=lambda p: (len(p.parts), str(p)))
+    for folder in folders:  # a pyfunc model: its MLmodel says where MLflow put each artifact
+        if (folder / "MLmodel").is_file() and (parts := _pyfunc_parts(folder)):
+            return parts
+    for folder in folders:
+        if (folder / "embed" / "clip" / MARKER["clip"]).is_file() and (folder / STAGE_OF["prior"] / which / MARKER["prior"]).is_file():
+            return stack_parts(folder, which)
+    found = {}
+    for folder in folders:
+        if folder.name in PARTS and folder.name not in found and (folder / MARKER[folder.name]).is_file():
+            found[folder.name] = folder
+    return _complete(found, f"{directory} holds no unCLIP stack: expected a pyfunc model whose artifacts are "
+                            "named clip, prior, decoder[, upsampler, pca], folders with those names, or a run's "
+                            "storage layout (embed/clip, train_prior/, train_decoder/...)")
+
+
+def _pyfunc_parts(model_dir: Path) -> dict[str, Path | None] | None:
+    import yaml
+
+    try:
+        flavors = (yaml.safe_load((model_dir / "MLmodel").read_text()) or {}).get("flavors", {})
+        artifacts = flavors.get("python_function", {}).get("artifacts", {}) or {}
+        paths = {name: model_dir / info["path"] for name, info in artifacts.items() if name in PARTS}
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return None
+    if not paths:
+        return None
+    found = {name: path for name, path in paths.items() if (path / MARKER[name]).is_file()}
+    return _complete(found, f"{model_dir} is an MLflow model with artifacts {sorted(paths)}, but not a complete unCLIP stack")
+
+
+def _complete(found: dict[str, Path], problem: str) -> dict[str, Path | None]:
+    missing = [p for p in REQUIRED_PARTS if p not in found]
+    if missing:
+        have = ", ".join(f"{k} ({v})" for k, v in found.items()) or "none"
+        raise StackError(f"{problem}; missing {', '.join(missing)} (found: {have})")
+    return {part: found.get(part) for part in PARTS}
+
+
+def resolve_model(model: str, download_to: str | os.PathLike, tracking_uri: str | None = None,
+                  which: Literal["ema", "best"] = "ema") -> dict[str, Path | None]:
+    """Part directories of the sampling CLI's --model: a run's storage directory, or a registry URI
+    (`models:/name@alias`, `models:/name/version`) whose artifacts are downloaded into `download_to`.
+    StackError with the reason and the fix otherwise."""
+    if model.startswith("models:/"):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        uri = tracking_uri or mlflow.get_tracking_uri()
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_to),
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        except MlflowException as e:
+            reason = (str(e.message).strip().splitlines() or ["unknown error"])[0]
+            raise StackError(f"cannot fetch it from the model registry at {uri} ({reason}); check the name, alias "
+                             "or version, and point MLFLOW_TRACKING_URI (or --tracking-uri) at the store the "
+                             "model was registered in") from None
+        return find_parts(local, which)
+    if "://" in model or model.startswith(("models:", "runs:")):
+        raise StackError("not a storage directory or a registry URI; use a run's storage directory or "
+                         "models:/name@alias, models:/name/version")
+    path = Path(model)
+    if not path.is_dir():
+        raise StackError(f"{'is a file, not a' if path.exists() else 'no such'} directory; pass a run's storage "
+                         "directory or a registry URI (models:/name@alias)")
+    return stack_parts(path, which)
 
 
 def load_stack(storage: str | os.PathLike, device: str = "cpu", which: Literal["ema", "best"] = "ema",
