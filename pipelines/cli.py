@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines import sample_cli
 from pipelines.config import ConfigError, load_config
 
 app = typer.Typer(help="Train unCLIP text-to-image models on your own image-caption data.", no_args_is_help=True, add_completion=False)
@@ -78,6 +79,8 @@ def _with_storage(overrides: list[str] | None, storage: str | None) -> list[str]
     # JSON-quoted: a path is a string, whatever YAML would make of it (`#`, `: `, `123`)
     return list(overrides or []) + ([f"storage={json.dumps(storage)}"] if storage is not None else [])
 
+
+sample_cli.register(app)  # sample, vary, interpolate, textdiff, pca-probe
 
 if __name__ == "__main__":
     app()
