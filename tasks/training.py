@@ -141,12 +141,15 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
     """Train to `cfg.steps` (resuming if a checkpoint of this stage exists), export, return counts."""
     import mlflow
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if spec.columns:
         train_ds = train_ds.select_columns(spec.columns)
         val_ds = val_ds.select_columns(spec.columns) if val_ds is not None else None
+    # The loop draws its own progress; Ray Data's per-dataset bars would repeat in the log each epoch.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.cache_data:
         train_ds = train_ds.materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
