@@ -35,6 +35,9 @@ class Stage:
     # A resumable stage (training) continues from its checkpoints after a crash with the same
     # settings, but starts over when its inputs changed.
     resumable: bool = False
+    # Paths under the stage directory that survive a redo: caches named by what they depend on
+    # (evaluate's real-image statistics, per dataset version), so a redo with new inputs reuses them.
+    keep: tuple[str, ...] = ()
 
 
 DAG: dict[str, Stage] = {
