@@ -504,77 +504,66 @@ def generate(cfg: EvaluateConfig, ctx: StageContext, jobs: list[Job], pool: dict
 # Metrics
 
 
-def _fd(real, fake) -> float:
-    from tasks.metrics import frechet_distance
+def image_set_metrics(data: SplitData, prompts: np.ndarray, drawn: dict[str, np.ndarray], idx: np.ndarray, probe,
+                      score_size: int) -> dict[str, float]:
+    """The metrics of one set of generated images (rows `idx` of `drawn`, drawn for `prompts`)."""
+    from tasks.metrics import FeatureStats, diversity, frechet_distance, mean_cosine, scene_accuracy
 
-    return frechet_distance(real, fake)
+    clip = drawn["clip"][idx]
+    m = {"fd_clip": frechet_distance(FeatureStats.of(data.clip), clip), "clip_score": mean_cosine(clip, data.text_emb[prompts])}
+    if len(set(prompts.tolist())) < len(prompts):
+        m["diversity"] = diversity(clip, prompts)
+    if probe is not None:
+        m["aesthetic"] = float(probe.predict(clip).mean())
+    if data.inception is not None:
+        m["fid"] = frechet_distance(data.inception, drawn["inception"][idx])
+    if data.objects is not None:
+        objects = [data.objects[i] for i in prompts]
+        m.update(scene_accuracy(drawn["image"][idx], objects, score_size))
+        if drawn["base"].shape[1:] != drawn["image"].shape[1:]:
+            m.update({f"{k}_base": v for k, v in scene_accuracy(drawn["base"][idx], objects, score_size).items()})
+    return m
 
 
 def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: dict[str, np.ndarray], probe,
                   first: bool, score_size: int) -> dict[str, float]:
-    from tasks.metrics import FeatureStats, diversity, mean_cosine, scene_accuracy
+    """The headline metrics (full stack at decoder_guidance), the prior's, the real images'
+    references and, on the first split, the z_t baseline (suffix _text_emb) and the sweep."""
+    from tasks.metrics import frechet_distance, mean_cosine, scene_accuracy
 
-    def select(mode: str, guidance: float) -> np.ndarray:
-        return np.array([j.job for j in jobs if j.split == data.name and j.mode == mode and j.guidance == guidance], np.int64)
+    def image_set(mode: str, guidance: float) -> tuple[np.ndarray, dict[str, float]]:
+        idx = np.array([j.job for j in jobs if j.split == data.name and j.mode == mode and j.guidance == guidance], np.int64)
+        prompts = np.array([jobs[i].prompt for i in idx])
+        return idx, image_set_metrics(data, prompts, drawn, idx, probe, score_size)
 
-    def prompts(idx: np.ndarray) -> np.ndarray:
-        return np.array([jobs[i].prompt for i in idx])
-
-    m: dict[str, float] = {}
-    main = select("stack", cfg.decoder_guidance)
-    p = prompts(main)
-    real_clip = FeatureStats.of(data.clip)
+    main, m = image_set("stack", cfg.decoder_guidance)
     half = len(data.clip) // 2
-    m["fd_clip"] = _fd(real_clip, drawn["clip"][main])
-    m["fd_clip_real_halves"] = _fd(data.clip[:half], data.clip[half:])
-    m["clip_score"] = mean_cosine(drawn["clip"][main], data.text_emb[p])
+    m["fd_clip_real_halves"] = frechet_distance(data.clip[:half], data.clip[half:])
     m["clip_score_real"] = mean_cosine(data.clip, data.text_emb)
-    if cfg.samples_per_prompt > 1:
-        m["diversity"] = diversity(drawn["clip"][main], p)
     if probe is not None:
-        m["aesthetic"] = float(probe.predict(drawn["clip"][main]).mean())
         m["aesthetic_real"] = float(probe.predict(data.clip).mean())
-    if data.inception is not None:
-        m["fid"] = _fd(data.inception, drawn["inception"][main])
+    if data.objects is not None:
+        m.update({f"{k}_real": v for k, v in scene_accuracy(data.images, data.objects, score_size).items()})
+        counts = [len(json.loads(data.objects[jobs[i].prompt])) for i in main if jobs[i].sample == 0]
+        m["one_object_prompts"], m["two_object_prompts"] = float(counts.count(1)), float(counts.count(2))
 
     # the prior on held-out pairs: one sample per prompt
     first_sample = main[[jobs[i].sample == 0 for i in main]]
-    z_hat, q = drawn["z_hat"][first_sample], prompts(first_sample)
+    z_hat, q = drawn["z_hat"][first_sample], np.array([jobs[i].prompt for i in first_sample])
     m["prior_cos_image"] = mean_cosine(z_hat, data.image_emb[q])
     m["prior_cos_text"] = mean_cosine(z_hat, data.text_emb[q])
     m["text_cos_image"] = mean_cosine(data.text_emb[q], data.image_emb[q])
     m["prior_cos_unrelated"] = mean_cosine(np.roll(z_hat, 1, axis=0), data.image_emb[q])
 
     if first:
-        zero_shot = select("text_emb", cfg.decoder_guidance)
-        m["fd_clip_text_emb"] = _fd(real_clip, drawn["clip"][zero_shot])
-        m["clip_score_text_emb"] = mean_cosine(drawn["clip"][zero_shot], data.text_emb[prompts(zero_shot)])
-        if data.inception is not None:
-            m["fid_text_emb"] = _fd(data.inception, drawn["inception"][zero_shot])
+        headline = {k: v for k, v in m.items() if not k.endswith("_real")}
+        _, zero_shot = image_set("text_emb", cfg.decoder_guidance)
+        m.update({f"{k}_text_emb": v for k, v in zero_shot.items() 
+                  if k in ("fd_clip", "fid", "clip_score") or k.endswith("_acc")})
         for g in cfg.guidance_sweep():
-            idx = select("stack", g)
-            tag = f"guidance_{g:g}/"
-            m[tag + "fd_clip"] = _fd(real_clip, drawn["clip"][idx])
-            m[tag + "clip_score"] = mean_cosine(drawn["clip"][idx], data.text_emb[prompts(idx)])
-            if cfg.samples_per_prompt > 1:
-                m[tag + "diversity"] = diversity(drawn["clip"][idx], prompts(idx))
-            if probe is not None:
-                m[tag + "aesthetic"] = float(probe.predict(drawn["clip"][idx]).mean())
-            if data.inception is not None:
-                m[tag + "fid"] = _fd(data.inception, drawn["inception"][idx])
-
-    if data.objects is not None:
-        objects = [data.objects[i] for i in p]
-        m.update(scene_accuracy(drawn["image"][main], objects, score_size))
-        if drawn["base"].shape[1:] != drawn["image"].shape[1:]:
-            m.update({f"{k}_base": v for k, v in scene_accuracy(drawn["base"][main], objects, score_size).items()})
-        m.update({f"{k}_real": v for k, v in scene_accuracy(data.images, data.objects, score_size).items()})
-        if first:
-            zero_shot = select("text_emb", cfg.decoder_guidance)
-            m.update({f"{k}_text_emb": v for k, v in scene_accuracy(
-                drawn["image"][zero_shot], [data.objects[i] for i in prompts(zero_shot)], score_size).items()})
-        counts = [len(json.loads(data.objects[i])) for i in sorted(set(p.tolist()))]
-        m["one_object_prompts"], m["two_object_prompts"] = float(counts.count(1)), float(counts.count(2))
+            swept = headline if g == cfg.decoder_guidance else image_set("stack", g)[1]
+            m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
+                      if k in ("fd_clip", "fid", "clip_score", "diversity", "aesthetic")})
     return m
 
 

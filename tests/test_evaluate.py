@@ -330,3 +330,12 @@ def test_real_halves_are_far_closer_than_noise(stack_storage):
     noise = _clip_features(clip, np.random.default_rng(0).integers(0, 256, (len(real), 64, 64, 3), dtype=np.uint8))
     half = len(real) // 2
     assert metrics.frechet_distance(real[:half], real[half:]) < 0.25 * metrics.frechet_distance(real, noise)
+
+
+def test_fid_with_local_inception_weights(stack_storage, inception_file):
+    values, _ = run_evaluate(stack_storage, splits=["heldout"], num_prompts=2, real_images=8, decoder_guidance_scales=[2.0],
+                             inception_weights=str(inception_file))
+    for key in ("heldout/fid", "heldout/fid_text_emb", "heldout/guidance_2/fid"):
+        assert values[key] > 0, key
+    cached = sorted((stack_storage / "evaluate" / "real_stats").glob("heldout-*.json"))
+    assert any(json.loads(p.read_text())["inception"] for p in cached)  # its own cache entry
