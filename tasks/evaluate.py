@@ -403,7 +403,8 @@ def aesthetic_probe(cfg: EvaluateConfig, ctx: StageContext, pool: dict, syntheti
 
 
 def _stand_in_ratings(ctx: StageContext, limit: int = 4000) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP image embeddings (from the embedding table) and stand-in ratings of training rows."""
+    """CLIP image embeddings (from the embedding table) and stand-in ratings of the rows outside
+    the held-out split."""
     import pyarrow.parquet as pq
 
     from tasks.metrics import stand_in_rating

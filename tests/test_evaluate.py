@@ -339,3 +339,31 @@ def test_fid_with_local_inception_weights(stack_storage, inception_file):
         assert values[key] > 0, key
     cached = sorted((stack_storage / "evaluate" / "real_stats").glob("heldout-*.json"))
     assert any(json.loads(p.read_text())["inception"] for p in cached)  # its own cache entry
+
+
+def test_ratings_table_images_are_read_from_local_paths(stack_storage, tmp_path):
+    """An AVA-style table (`image` path, `score`): the FeatureActor embeds the files as the embed
+    stage embeds images; URLs and missing columns are refused with the fix."""
+    from PIL import Image
+
+    from tasks import evaluate
+    from tasks.context import StageContext
+    from tasks.schema import load_embedding_clip
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8) for i in range(3)]  # not square: cropped
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    actor = evaluate.FeatureActor(str(stack_storage / "embed"), None, device="cpu", threads=1)
+    out = actor({"row": np.arange(3), "path": np.array([str(tmp_path / f"{i}.png") for i in range(3)], dtype=object)})
+    clip = load_embedding_clip(stack_storage / "embed")
+    expected = np.concatenate([evaluate._clip_features(clip, [Image.fromarray(im)]) for im in images])
+    assert np.allclose(out["clip"], expected, atol=1e-5)
+
+    ctx = StageContext("evaluate", stack_storage, tmp_path, {"embed": stack_storage / "embed"}, seed=0, show_progress=False)
+    (tmp_path / "urls.csv").write_text("image,score\nhttp://example.com/a.jpg,5.5\n")
+    with pytest.raises(ValueError, match="URLs are not fetched"):
+        evaluate._rated_table(evaluate.EvaluateConfig(aesthetic_ratings=str(tmp_path / "urls.csv")), ctx, {})
+    (tmp_path / "bad.csv").write_text("path,rating\n0.png,5.5\n")
+    with pytest.raises(ValueError, match=r"columns \['image', 'score'\] are missing"):
+        evaluate._rated_table(evaluate.EvaluateConfig(aesthetic_ratings=str(tmp_path / "bad.csv")), ctx, {})
