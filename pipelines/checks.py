@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, ingest, training
+from tasks import embed, evaluate, ingest, training
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent
 STAGE_CHECKS: dict[str, Callable[..., list[str]]] = {
     "ingest": ingest.check_inputs,
     "embed": embed.check_inputs,
+    "evaluate": evaluate.check_inputs,
 }
 STORAGE_FIX = "pass a writable directory with --storage (or set `storage:` in the config)"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

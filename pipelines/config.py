@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.embed import EmbedConfig
+from tasks.evaluate import EvaluateConfig
 from tasks.ingest import IngestConfig
 from tasks.pca import PcaConfig
 from tasks.register import RegisterConfig
@@ -25,7 +26,7 @@ from tasks.train_upsampler import TrainUpsamplerConfig
 
 # the DAG's topological order; pipelines.dag holds the edges
 STAGE_ORDER = ("synth", "ingest", "train_clip", "embed", "pca", "train_prior", "train_decoder", "train_upsampler",
-               "register")
+               "evaluate", "register")
 OPTIONAL_STAGES = ("train_clip",)  # run only when listed in `stages` (embed.clip_from: train_clip)
 
 
@@ -72,6 +73,7 @@ class PipelineConfig(BaseModel):
     train_prior: TrainPriorConfig = Field(default_factory=TrainPriorConfig)
     train_decoder: TrainDecoderConfig = Field(default_factory=TrainDecoderConfig)
     train_upsampler: TrainUpsamplerConfig = Field(default_factory=TrainUpsamplerConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @field_validator("stages")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, ingest, pca, register, synth, train_clip, train_decoder, train_prior, train_upsampler
+from tasks import embed, evaluate, ingest, pca, register, synth, train_clip, train_decoder, train_prior, train_upsampler
 
 
 # register takes the stack's parts from every stage of this run that makes one, and the metrics
@@ -35,6 +35,9 @@ class Stage:
     # A resumable stage (training) continues from its checkpoints after a crash with the same
     # settings, but starts over when its inputs changed.
     resumable: bool = False
+    # Paths under the stage directory that survive a redo: caches named by what they depend on
+    # (evaluate's real-image statistics, per dataset version), so a redo with new inputs reuses them.
+    keep: tuple[str, ...] = ()
 
 
 DAG: dict[str, Stage] = {
@@ -68,6 +71,14 @@ DAG: dict[str, Stage] = {
     ),
     "train_upsampler": Stage(
         "train_upsampler", train_upsampler.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True
+    ),
+    "evaluate": Stage(
+        "evaluate",
+        evaluate.run,
+        inputs=lambda cfg: ("ingest", "embed", *(s for s in ("pca",) if s in cfg.stages), "train_prior", "train_decoder",
+                            *(s for s in ("train_upsampler",) if s in cfg.stages)),
+        needs_ray=True,
+        keep=(evaluate.REAL_STATS,),
     ),
     "register": Stage("register", register.run, inputs=register_inputs),
 }

@@ -100,7 +100,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     resume = (stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))) or (
         stage.resumable and config_hash == started_with)
     if out_dir.exists() and not resume:
-        shutil.rmtree(out_dir)
+        clear_stage_dir(out_dir, keep=stage.keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     (out_dir / STARTED).write_text(config_hash)
@@ -137,6 +137,16 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
+
+
+def clear_stage_dir(out_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove a stage's output before it is redone, except the `keep` paths (Stage.keep)."""
+    if not keep:
+        shutil.rmtree(out_dir)
+        return
+    for path in out_dir.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def start_tracking(cfg: PipelineConfig, storage: Path) -> str:

@@ -58,7 +58,8 @@ class RegisterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = Field("unclip", min_length=1, description="registered model name")
-    metric: str = Field("fd_clip", min_length=1, description="the evaluate stage's metric that decides promotion")
+    metric: str = Field("heldout/fd_clip", min_length=1, description="the evaluate stage's metric that decides promotion "
+                        "(a key of its metrics.json, e.g. heldout/fd_clip, heldout/one_object_acc)")
     direction: Literal["min", "max"] = Field("min", description="min: lower is better (distances); max: higher")
     min_delta: float = Field(0.0, ge=0, description="the challenger must beat the champion by more than this")
     which: Literal["ema", "best"] = Field("ema", description="each training stage's final EMA, or its best by validation")

@@ -153,3 +153,29 @@ def test_extended_url_list_downloads_only_new_shards(tmp_path, slow_url_list):
     assert manifest["counts"]["success"] == 38 and manifest["counts"]["shards_redone_partial"] == 1
     captions = sorted(v.decode() for k, v in shard_contents(ingest_dir).items() if k.endswith(".txt"))
     assert captions == sorted(f"caption {i}" for i in range(38))
+
+
+def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
+    """Stage.keep (evaluate's real-image statistics): a redo with other settings wipes the stage's
+    output but the kept cache, and is a new MLflow run."""
+    from pipelines import runner
+    from pipelines.config import PipelineConfig
+    from pipelines.dag import Stage
+
+    def fake_synth(cfg, ctx):
+        assert not (ctx.out_dir / "grid.png").exists()  # the previous run's output is gone
+        (ctx.out_dir / "grid.png").write_text(str(cfg.n))
+        (ctx.out_dir / "cache").mkdir(exist_ok=True)
+        (ctx.out_dir / "cache" / f"n{cfg.n}").write_text("statistics")
+        return {"n": cfg.n}
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stage = Stage("synth", fake_synth, keep=("cache",))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("unclip")
+    for n in (3, 4):
+        runner.run_stage(stage, PipelineConfig.model_validate({"stages": ["synth"], "synth": {"n": n}}), tmp_path)
+    out = tmp_path / "synth"
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["n3", "n4"]
+    assert (out / "grid.png").read_text() == "4"
+    assert len(mlflow.search_runs(experiment_names=["unclip"])) == 2

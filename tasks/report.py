@@ -1,0 +1,118 @@
+"""Pictures of an evaluation: sample grids with the prompt under each row, the guidance plots
+(matplotlib, Agg), and a single-file HTML report with every image inlined (base64)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 4
+LINE = 12  # text line height of PIL's default bitmap font, px
+
+
+def _cell(image: np.ndarray | Image.Image, size: int) -> Image.Image:
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return im.convert("RGB").resize((size, size), Image.Resampling.NEAREST if im.size[0] <= size else Image.Resampling.BICUBIC)
+
+
+def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], column_titles: Sequence[str] = (), cell: int = 96) -> Image.Image:
+    """One row of images per prompt, the prompt written under its row; optional column titles on top."""
+    font = ImageFont.load_default()
+    columns = max((len(images) for _, images in rows), default=1)
+    width = PAD + columns * (cell + PAD)
+    chars = max(8, width // 6)  # the default font is ~6 px per character
+    wrapped = [textwrap.wrap(caption, chars)[:3] or [""] for caption, _ in rows]
+    title_h = LINE + PAD if column_titles else 0
+    height = PAD + title_h + sum(cell + PAD + len(lines) * LINE + PAD for lines in wrapped)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(column_titles):
+        draw.text((PAD + c * (cell + PAD), PAD), title[: cell // 6], fill=(90, 90, 90), font=font)
+    y = PAD + title_h
+    for (caption, images), lines in zip(rows, wrapped):
+        for c, image in enumerate(images):
+            canvas.paste(_cell(image, cell), (PAD + c * (cell + PAD), y))
+        y += cell + PAD
+        for line in lines:
+            draw.text((PAD, y), line, fill=(0, 0, 0), font=font)
+            y += LINE
+        y += PAD
+    return canvas
+
+
+def guidance_plots(sweep: list[dict[str, float]], out_dir: Path) -> list[Path]:
+    """fd_vs_guidance.png (the paper's fig. 11 axis: Fréchet distance against decoder guidance) and
+    aesthetic_vs_diversity.png (fig. 13: the probe's mean score against sample diversity, one
+    point per guidance scale). `sweep`: rows with guidance, fd_clip, aesthetic, diversity (and fid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [row["guidance"] for row in sweep]
+    paths = []
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.plot(g, [row["fd_clip"] for row in sweep], "o-", label="fd_clip (CLIP features)")
+    if all("fid" in row for row in sweep):
+        ax.plot(g, [row["fid"] for row in sweep], "s--", label="FID (Inception)")
+    ax.set_xlabel("decoder guidance scale")
+    ax.set_ylabel("Fréchet distance (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "fd_vs_guidance.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.plot([row["diversity"] for row in sweep], [row["aesthetic"] for row in sweep], "o-")
+    for row in sweep:
+        ax.annotate(f"g={row['guidance']:g}", (row["diversity"], row["aesthetic"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("diversity (mean pairwise CLIP distance)")
+    ax.set_ylabel("aesthetic probe (mean)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "aesthetic_vs_diversity.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def _inline_png(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}">'
+
+
+def html_report(path: Path, title: str, metrics: dict[str, float], notes: Sequence[str],
+                sections: Sequence[tuple[str, Sequence[Path]]]) -> Path:
+    """One self-contained HTML file: notes, the metrics table, then each section's images."""
+    rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(metrics.items()))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1200px}"
+        "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
+        "td:nth-child(2){text-align:right;font-family:monospace}img{max-width:100%;margin:4px 0}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "".join(f"<p>{html.escape(n)}</p>" for n in notes),
+    ]
+    for heading, images in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.extend(f"<div>{_inline_png(p)}</div>" for p in images)
+    parts += ["<h2>Metrics</h2>", f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>", "</body></html>"]
+    path.write_text("\n".join(parts))
+    return path
+
+
+def to_png(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

@@ -1,0 +1,369 @@
+"""evaluate stage: the metrics against independent references, and the whole stage on a tiny
+trained stack (real embed stage, models trained a few steps in-process, real Ray Data actors,
+real MLflow)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import metrics
+
+QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics against references
+
+
+def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The FID formula written out with scipy's matrix square root (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    d = 16
+    a = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.5
+    b = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) * 0.7 + 0.3
+    expected = scipy_frechet(a, b)
+    assert expected > 1.0
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, abs=1e-3)
+    # from cached statistics (what real_stats/ keeps) the same number
+    stats = metrics.FeatureStats.from_tensors(metrics.FeatureStats.of(a).tensors("x_"), "x_")
+    assert metrics.frechet_distance(stats, b) == pytest.approx(expected, abs=1e-3)
+    assert metrics.frechet_distance(a[:200], a[200:]) < 0.1 * expected
+
+
+def test_aesthetic_probe_recovers_a_planted_linear_rating():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(600, 32))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)  # the probe reads unit-norm CLIP embeddings
+    w = rng.normal(size=32)
+    ratings = 5.0 + features @ w + 0.02 * rng.normal(size=600)
+    probe = metrics.fit_probe(features, ratings, alpha=1e-3)
+    assert probe.r2 >= 0.9
+    fresh = rng.normal(size=(100, 32))
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+    assert np.corrcoef(probe.predict(fresh), 5.0 + fresh @ w)[0, 1] > 0.95
+
+
+def test_stand_in_rating_grows_with_the_shapes():
+    from tasks.shapes import ShapeObject
+
+    def scene(*objects):
+        return json.dumps([o.__dict__ for o in objects])
+
+    small = metrics.stand_in_rating(scene(ShapeObject("red", "square", "small", 0.5, 0.5)))
+    large = metrics.stand_in_rating(scene(ShapeObject("red", "square", "large", 0.5, 0.5)))
+    two = metrics.stand_in_rating(scene(ShapeObject("red", "square", "large", 0.27, 0.5), ShapeObject("blue", "square", "large", 0.73, 0.5)))
+    assert 0 < small < large < two <= 10
+    assert large == pytest.approx(10 * (2 * 0.9 * 0.19) ** 2, rel=0.1)  # a square of side 2 x 0.9 x 0.19
+
+
+def test_diversity_and_clip_score():
+    same = np.tile([[1.0, 0.0]], (4, 1))
+    assert metrics.diversity(same, np.array([0, 0, 1, 1])) == pytest.approx(0.0)
+    opposite = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert metrics.diversity(opposite, np.array([0, 0, 1, 1])) == pytest.approx(1.0)  # (2 + 0) / 2
+    assert metrics.mean_cosine(np.array([[3.0, 0.0]]), np.array([[1.0, 1.0]])) == pytest.approx(2 ** -0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID's Inception from a local file
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """A randomly initialised FID Inception saved as safetensors (the format the loader takes)."""
+    from safetensors.torch import save_file
+    from torch_fidelity import feature_extractor_inceptionv3 as module
+
+    # build the network without its weights (its constructor would download them), keep the random init
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        network = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
+    return path
+
+
+def test_inception_loads_a_local_safetensors_file(inception_file):
+    from safetensors.torch import load_file
+
+    network = metrics.inception_network(inception_file)
+    saved = load_file(str(inception_file))
+    assert torch.equal(network.state_dict()["Conv2d_1a_3x3.conv.weight"], saved["Conv2d_1a_3x3.conv.weight"])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        features = network(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+
+
+def test_inception_refuses_missing_or_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(metrics.InceptionWeightsError, match="does not exist.*inception_weights"):
+        metrics.inception_network(tmp_path / "nope.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(metrics.InceptionWeightsError, match="does not hold FID Inception-v3 weights"):
+        metrics.inception_network(tmp_path / "other.safetensors")
+
+
+def test_missing_inception_weights_exit_2_before_the_run(tmp_path):
+    missing = tmp_path / "inception.safetensors"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(QUICK), "--check-paths",
+                             "--storage", str(tmp_path / "run"), "--set", f"evaluate.inception_weights={missing}"],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 2, result.stderr
+    assert "evaluate.inception_weights" in result.stderr and "does not exist" in result.stderr
+    assert "safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on a tiny trained stack
+
+
+def write_scene_shards(directory: Path, shards: int, per_shard: int, size: int = 64) -> None:
+    """Ingest-like shards of the synthetic shapes, with the synth stage's `split` and `objects` in the json."""
+    import random
+
+    from tasks.shapes import render, sample_scene, split_of
+
+    rng = random.Random(0)
+    directory.mkdir(parents=True)
+    for shard in range(shards):
+        with tarfile.open(directory / f"{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{shard:05d}{i:04d}"
+                objects, caption = sample_scene(rng, two_object_fraction=0.4)
+                buf = io.BytesIO()
+                render(objects, size).save(buf, format="JPEG", quality=95)
+                meta = {"key": key, "caption": caption, "split": split_of(objects), "status": "success",
+                        "objects": json.dumps([o.__dict__ for o in objects])}
+                for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", caption.encode()),
+                                   (f"{key}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def train_briefly(kind: str, config: dict, batches: list[dict], steps: int = 4):
+    """A few AdamW steps of the kind's own objective, in process (the stages' loop needs Ray Train)."""
+    from models import sizes
+
+    torch.manual_seed(0)
+    network = sizes.build_from_config(kind, config)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        loss, _ = sizes.objective(kind)(network, batches[step % len(batches)], generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def stack_storage(ray_local, tmp_path_factory) -> Path:
+    """<storage>/{ingest,embed,train_prior/ema,train_decoder/ema,train_upsampler/ema}."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from models import checkpoint, sizes
+    from tasks import train_decoder, train_prior
+    from tasks.captions import CaptionEncoder
+    from tasks.context import StageContext
+    from tasks.embed import EmbedConfig
+    from tasks.embed import run as embed
+    from tasks.schema import iter_tar_samples, list_embedding_files, to_matrix
+
+    torch.set_num_threads(1)
+    storage = tmp_path_factory.mktemp("stack")
+    ingest, embed_dir = storage / "ingest", storage / "embed"
+    write_scene_shards(ingest, 2, 60)
+    embed_dir.mkdir()
+    embed(EmbedConfig(clip_arch="tiny", clip_pretrained=None, batch_size=64),
+          StageContext("embed", storage, embed_dir, {"ingest": ingest}, seed=0, show_progress=False))
+
+    table = pq.read_table([str(p) for p in list_embedding_files(embed_dir)][0])
+    images = {k: np.asarray(Image.open(io.BytesIO(f["jpg"])).convert("RGB"))
+              for k, f in (item for item in iter_tar_samples(str(ingest / "00000.tar")))}
+    keys = table["key"].to_pylist()[:16]
+    tokens = torch.from_numpy(to_matrix(table["text_tokens"], np.int32)[:16]).long()
+    states, mask = CaptionEncoder(embed_dir, "cpu")(tokens)
+    z_i = torch.from_numpy(to_matrix(table["image_emb"], np.float32)[:16])
+    z_t = torch.from_numpy(to_matrix(table["text_emb"], np.float32)[:16])
+    hi = torch.from_numpy(np.stack([images[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    lo = torch.nn.functional.interpolate(hi, size=32, mode="bilinear", antialias=True)
+
+    prior_cfg = train_prior.model_config(train_prior.TrainPriorConfig(), embed_dir)
+    prior = train_briefly("prior", prior_cfg, [{"image_emb": z_i, "text_emb": z_t, "text_states": states, "text_mask": mask}])
+    decoder_cfg = train_decoder.model_config(train_decoder.TrainDecoderConfig(), embed_dir)
+    decoder = train_briefly("decoder", decoder_cfg, [{"image": lo, "image_emb": z_i, "text_emb": z_t, "text_states": states,
+                                                      "text_mask": mask}])
+    up_cfg = dataclasses.asdict(sizes.config_for("upsampler", "tiny", image_size=64, low_res_size=32))
+    upsampler = train_briefly("upsampler", up_cfg, [{"image": hi}])
+    for name, model in (("train_prior", prior), ("train_decoder", decoder), ("train_upsampler", upsampler)):
+        checkpoint.save(model, storage / name / "ema")
+    return storage
+
+
+def run_evaluate(storage: Path, **overrides):
+    import mlflow
+
+    from tasks import evaluate
+    from tasks.context import StageContext
+
+    cfg = evaluate.EvaluateConfig(**{
+        "num_prompts": 4, "samples_per_prompt": 2, "real_images": 64, "val_fraction": 0.2, "prior": {"steps": 3},
+        "decoder_steps": 3, "decoder_guidance": 2.0, "decoder_guidance_scales": [1.0, 2.0], "upsampler_steps": 2,
+        "batch_size": 8, **overrides})
+    out = storage / "evaluate"
+    out.mkdir(exist_ok=True)
+    inputs = {name: storage / name for name in ("ingest", "embed", "train_prior", "train_decoder", "train_upsampler")}
+    mlflow.set_tracking_uri(f"sqlite:///{storage}/mlflow.db")
+    mlflow.set_experiment("unclip")
+    with mlflow.start_run(run_name="evaluate") as run:
+        values = evaluate.run(cfg, StageContext("evaluate", storage, out, inputs, seed=0, show_progress=False))
+    return values, run.info.run_id
+
+
+PER_SPLIT = ["fd_clip", "fd_clip_real_halves", "clip_score", "clip_score_real", "diversity", "aesthetic", "aesthetic_real",
+             "prior_cos_image", "prior_cos_text", "text_cos_image", "prior_cos_unrelated",
+             "one_object_colour_acc", "one_object_shape_acc", "one_object_acc", "one_object_colour_acc_base",
+             "one_object_colour_acc_real", "one_object_prompts", "two_object_prompts"]
+FIRST_SPLIT = ["fd_clip_text_emb", "clip_score_text_emb", "one_object_colour_acc_text_emb",
+               "guidance_1/fd_clip", "guidance_2/fd_clip", "guidance_1/aesthetic", "guidance_2/diversity"]
+
+
+def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
+    import mlflow
+
+    values, run_id = run_evaluate(stack_storage)
+    out = stack_storage / "evaluate"
+    saved = json.loads((out / "metrics.json").read_text())
+    expected = [f"{s}/{k}" for s in ("heldout", "validation") for k in PER_SPLIT] + [f"heldout/{k}" for k in FIRST_SPLIT]
+    expected += ["images", "generate_s", "aesthetic_probe_r2"]
+    assert not [k for k in expected if k not in saved], sorted(saved)
+    assert any(k.startswith("heldout/two_object_acc") for k in saved) or saved["heldout/two_object_prompts"] == 0
+    assert saved["images"] == 4 * 2 * 3 + 4 * 2  # heldout: 2 guidance scales + z_t; validation: 1
+    assert values["heldout/fd_clip"] == saved["heldout/fd_clip"]
+    for key in ("one_object_colour_acc_real", "one_object_shape_acc_real"):  # the scorer reads real renders
+        assert saved[f"heldout/{key}"] >= 0.9, key
+    assert saved["heldout/text_cos_image"] == pytest.approx(saved["heldout/clip_score_real"], abs=0.05)
+
+    for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_probe.safetensors",
+                 "grids/heldout_one_object.png", "grids/validation_one_object.png"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "heldout/fd_clip" in html and "src=\"http" not in html
+    client = mlflow.MlflowClient(f"sqlite:///{stack_storage}/mlflow.db")
+    logged = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "grids")}
+    assert {"metrics.json", "report.html", "fd_vs_guidance.png", "grids/heldout_one_object.png"} <= logged
+
+    # the real images' CLIP features are computed as the embed stage computed the table's z_i
+    from safetensors.torch import load_file
+
+    cached = load_file(str(next((out / "real_stats").glob("heldout-*.safetensors"))))["clip"].numpy()
+    table = heldout_table(stack_storage)
+    assert cached.shape == table.shape
+    assert (np.sum(cached * table, axis=1) > 0.99).all()
+
+
+def heldout_table(storage: Path) -> np.ndarray:
+    """z_i of the held-out rows by key, read with pyarrow alone."""
+    import pyarrow.parquet as pq
+
+    rows = [r for path in sorted((storage / "embed").glob("*.parquet")) for r in pq.read_table(str(path)).to_pylist()]
+    rows = sorted((r for r in rows if r["split"] == "heldout"), key=lambda r: r["key"])
+    return np.array([r["image_emb"] for r in rows], np.float32)
+
+
+def test_real_statistics_are_cached_per_dataset_version(stack_storage):
+    from tasks import evaluate
+    from tasks.context import StageContext
+
+    if not (stack_storage / "evaluate" / "metrics.json").is_file():
+        run_evaluate(stack_storage)
+    cfg = evaluate.EvaluateConfig(num_prompts=4, real_images=64, val_fraction=0.2, splits=["heldout"])
+    inputs = {name: stack_storage / name for name in ("ingest", "embed")}
+    ctx = StageContext("evaluate", stack_storage, stack_storage / "evaluate", inputs, seed=0, show_progress=False)
+    data = evaluate.read_splits(cfg, ctx, 64)
+    assert evaluate.real_features(cfg, ctx, list(data.values()), {}, None) == 1  # no pool needed: a hit
+    assert np.allclose(data["heldout"].clip, heldout_table(stack_storage), atol=2e-3)
+    hit, _ = evaluate.real_stats_path(cfg, ctx, data["heldout"], None)
+    assert hit.is_file()
+    fewer = cfg.model_copy(update={"real_images": 8})
+    other_rows, _ = evaluate.real_stats_path(fewer, ctx, evaluate.read_splits(fewer, ctx, 64)["heldout"], None)
+    (stack_storage / "embed" / "_manifest.json").write_text('{"fingerprint": "another dataset version"}')
+    try:
+        other_version, _ = evaluate.real_stats_path(cfg, ctx, data["heldout"], None)
+    finally:
+        (stack_storage / "embed" / "_manifest.json").unlink()
+    assert len({hit, other_rows, other_version}) == 3
+
+
+def test_real_halves_are_far_closer_than_noise(stack_storage):
+    from tasks.evaluate import _clip_features
+    from tasks.schema import load_embedding_clip
+
+    real = heldout_table(stack_storage)
+    clip = load_embedding_clip(stack_storage / "embed")
+    noise = _clip_features(clip, np.random.default_rng(0).integers(0, 256, (len(real), 64, 64, 3), dtype=np.uint8))
+    half = len(real) // 2
+    assert metrics.frechet_distance(real[:half], real[half:]) < 0.25 * metrics.frechet_distance(real, noise)
+
+
+def test_fid_with_local_inception_weights(stack_storage, inception_file):
+    values, _ = run_evaluate(stack_storage, splits=["heldout"], num_prompts=2, real_images=8, decoder_guidance_scales=[2.0],
+                             inception_weights=str(inception_file))
+    for key in ("heldout/fid", "heldout/fid_text_emb", "heldout/guidance_2/fid"):
+        assert values[key] > 0, key
+    cached = sorted((stack_storage / "evaluate" / "real_stats").glob("heldout-*.json"))
+    assert any(json.loads(p.read_text())["inception"] for p in cached)  # its own cache entry
+
+
+def test_ratings_table_images_are_read_from_local_paths(stack_storage, tmp_path):
+    """An AVA-style table (`image` path, `score`): the FeatureActor embeds the files as the embed
+    stage embeds images; URLs and missing columns are refused with the fix."""
+    from PIL import Image
+
+    from tasks import evaluate
+    from tasks.context import StageContext
+    from tasks.schema import load_embedding_clip
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8) for i in range(3)]  # not square: cropped
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    actor = evaluate.FeatureActor(str(stack_storage / "embed"), None, device="cpu", threads=1)
+    out = actor({"row": np.arange(3), "path": np.array([str(tmp_path / f"{i}.png") for i in range(3)], dtype=object)})
+    clip = load_embedding_clip(stack_storage / "embed")
+    expected = np.concatenate([evaluate._clip_features(clip, [Image.fromarray(im)]) for im in images])
+    assert np.allclose(out["clip"], expected, atol=1e-5)
+
+    ctx = StageContext("evaluate", stack_storage, tmp_path, {"embed": stack_storage / "embed"}, seed=0, show_progress=False)
+    (tmp_path / "urls.csv").write_text("image,score\nhttp://example.com/a.jpg,5.5\n")
+    with pytest.raises(ValueError, match="URLs are not fetched"):
+        evaluate._rated_table(evaluate.EvaluateConfig(aesthetic_ratings=str(tmp_path / "urls.csv")), ctx, {})
+    (tmp_path / "bad.csv").write_text("path,rating\n0.png,5.5\n")
+    with pytest.raises(ValueError, match=r"columns \['image', 'score'\] are missing"):
+        evaluate._rated_table(evaluate.EvaluateConfig(aesthetic_ratings=str(tmp_path / "bad.csv")), ctx, {})
