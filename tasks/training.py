@@ -16,6 +16,7 @@ the latest persisted checkpoint and continues the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -336,7 +337,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 objectives.check_batch(contract, batch, config["kind"])
                 checked = True
             sync = micro + 1 == cfg.grad_accum
-            with (model.no_sync() if (world > 1 and not sync) else _nullcontext()):
+            with (model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()):
                 with autocast:
                     loss, metrics = objective(model, batch, generator)
                 (loss / cfg.grad_accum).backward()
@@ -394,12 +395,12 @@ def train_loop(config: dict[str, Any]) -> None:
                     ckpt = Checkpoint.from_directory(tmp)
                     if logger:
                         logger.metrics({k: report[k] for k in ("val_loss",) if k in report}, step)
-                        draw_every = cfg.sample_every or cfg.checkpoint_every
-                        if config["samples"] and val_shard is not None and (step % draw_every == 0 or step == cfg.steps):
-                            logger.samples(config["samples"], ema.module, make_batch, val_shard, cfg, step)
                 ray.train.report(report, checkpoint=ckpt)
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
+            draw_every = cfg.sample_every or cfg.checkpoint_every
+            if logger and config["samples"] and val_shard is not None and (step % draw_every == 0 or step == cfg.steps):
+                logger.samples(config["samples"], ema.module, make_batch, val_shard, cfg, step)
             if step >= cfg.steps:
                 break
         if batches_this_epoch == 0:
@@ -407,15 +408,6 @@ def train_loop(config: dict[str, Any]) -> None:
                                  f"({world} workers): lower batch_size or add data")
     if progress is not None:
         progress.close()
-
-
-@dataclass
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _autocast(precision: str, device):
