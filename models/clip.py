@@ -45,7 +45,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 
 from models.checkpoint import register
 from models.clip_preprocess import ImagePreprocessor
-from models.objective import Field, check_batch, detached
+from models.objective import Field, check_batch, data_parallel, detached
 
 # A tiny open_clip architecture for tests and the demo (about 3.5M parameters, 1.6M of which are the
 # token embedding of the standard 49408-token BPE vocabulary). 32 px images, 32 text tokens.
@@ -420,7 +420,9 @@ def training_loss(network: torch.nn.Module, batch: dict[str, torch.Tensor], gene
     rank's rows among the global batch), logit_scale."""
     check_batch(BATCH, batch, "clip")
     image_features, text_features, logit_scale = network(batch["image"], batch["text_tokens"])
-    distributed = dist.is_available() and dist.is_initialized()
+    # Gather only when this forward is one rank's shard of a global batch (a DDP/FSDP network): a
+    # bare module evaluated on one rank (validation of the EMA) must not wait for the others.
+    distributed = data_parallel(network) and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     # ClipLoss.forward's computation, with its logits kept for the accuracy

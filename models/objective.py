@@ -76,6 +76,17 @@ def detached(**metrics: torch.Tensor) -> Metrics:
     return {k: v.detach().float() for k, v in metrics.items()}
 
 
+def data_parallel(network: nn.Module) -> bool:
+    """Whether `network` is (or wraps) a DDP / FSDP module, i.e. a forward of one rank's shard of a
+    global batch; a bare module (e.g. the EMA copy evaluated on one rank) is not."""
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel) or type(network).__name__ == "FullyShardedDataParallel":
+            return True
+        if not hasattr(network, "_orig_mod"):
+            return False
+        network = network._orig_mod
+
+
 def check_batch(contract: Mapping[str, Field], batch: Mapping[str, torch.Tensor], kind: str = "model") -> None:
     """Raise BatchError naming the first missing key, wrong dtype or inconsistent dimension."""
     missing = [k for k, f in contract.items() if not f.optional and k not in batch]
