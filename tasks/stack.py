@@ -124,9 +124,17 @@ def resolve_model(model: str, download_to: str | os.PathLike, tracking_uri: str 
         from mlflow.exceptions import MlflowException
 
         uri = tracking_uri or mlflow.get_tracking_uri()
+        # An explicit client: `download_artifacts("models:/...")` resolves the registry through the
+        # process-wide tracking URI whatever `registry_uri` says, so `--tracking-uri` could be ignored.
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        name, sep, alias = model[len("models:/"):].partition("@")
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(download_to),
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            if sep:
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                name, _, version = name.rpartition("/")
+            source = client.get_model_version_download_uri(name, version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(download_to), tracking_uri=uri)
         except MlflowException as e:
             reason = (str(e.message).strip().splitlines() or ["unknown error"])[0]
             raise StackError(f"cannot fetch it from the model registry at {uri} ({reason}); check the name, alias "
