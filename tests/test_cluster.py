@@ -272,7 +272,7 @@ def test_readme_local_head_commands_match_the_makefile():
     assert ".venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- unclip run pipelines/configs/quick.yaml" in README
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    dry = subprocess.run(["make", "-n", "-o", "install", "ray-head", "VENV=/opt/venv"], cwd=REPO, capture_output=True, text=True,
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", "ray-head", "VENV=/opt/venv"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "MAKEFLAGS": ""}, check=True).stdout
     # jobs run with the head's environment: the venv's bin must come first on its PATH
     assert dry.strip().startswith('PATH="/opt/venv/bin:$PATH" /opt/venv/bin/ray start --head --dashboard-host 127.0.0.1')
