@@ -34,7 +34,6 @@ from tasks.context import EXECUTION_ONLY, StageContext
 from tasks.progress import progress as progress_bar
 
 RAY_RUN_NAME = "ray_train"
-EXPORTS = ("ema", "network", "best")
 
 
 class TrainingFailed(RuntimeError):
