@@ -191,3 +191,27 @@ def rows_without_image(embed_dir: str | os.PathLike, ingest_dir: str | os.PathLi
             pass  # a truncated or missing shard: the images read before the damage count
         missing += len(keys - present)
     return missing
+
+
+def decoded_pairs(batch: dict, split: str, val_fraction: float, image_size: int):
+    """(row index, key, RGB uint8 image resized to image_size) of a webdataset batch's rows in
+    `split` ("train" or "validation", by key hash); pairs the dataset marks "heldout" and
+    undecodable images are skipped (the embed stage counts the latter)."""
+    import json
+
+    from PIL import Image
+
+    keys = [str(k) for k in batch["__key__"]]
+    in_split = validation_mask(keys, val_fraction)
+    if split == "train":
+        in_split = ~in_split
+    meta = batch.get("json")
+    for i, key in enumerate(keys):
+        try:
+            if not in_split[i] or (meta is not None and json.loads(meta[i]).get("split") == HELDOUT):
+                continue
+            with Image.open(io.BytesIO(batch["jpg"][i])) as im:
+                image = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC), np.uint8)
+        except Exception:
+            continue
+        yield i, key, image

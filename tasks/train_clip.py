@@ -11,7 +11,6 @@ contrastive loss (models.clip). Output besides the loop's exports: `clip/arch.js
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -36,30 +35,18 @@ class TrainClipConfig(training.TrainConfig):
 def pair_rows(batch: dict[str, Any], image_size: int, context_length: int, split: str, val_fraction: float) -> dict:
     """Ray Data UDF: webdataset rows → {"image": uint8 (B, S, S, 3), "text_tokens": int64 (B, L)}.
     Undecodable samples and held-out pairs are dropped (embed counts the former)."""
-    from PIL import Image
     from open_clip import SimpleTokenizer
 
-    from tasks.dataset import validation_mask
+    from tasks.dataset import decoded_pairs
 
-    keys = [str(k) for k in batch["__key__"]]
-    in_split = validation_mask(keys, val_fraction)
-    if split == "train":
-        in_split = ~in_split
     images, captions = [], []
-    for i, key in enumerate(keys):
-        meta = batch.get("json")
-        try:
-            if meta is not None and json.loads(meta[i]).get("split") == "heldout":
-                continue
-            if not in_split[i]:
-                continue
-            with Image.open(io.BytesIO(batch["jpg"][i])) as im:
-                image = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-            caption = batch["txt"][i]
+    for i, _, image in decoded_pairs(batch, split, val_fraction, image_size):
+        caption = batch["txt"][i]
+        try:  # a caption that is not UTF-8 drops its pair (embed counts it)
             captions.append(caption.decode("utf-8") if isinstance(caption, bytes) else str(caption))
-            images.append(np.asarray(image, dtype=np.uint8))
-        except Exception:  # a corrupt sample: skipped here, counted by embed
+        except UnicodeDecodeError:
             continue
+        images.append(image)
     if not images:
         return {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
                 "text_tokens": np.zeros((0, context_length), np.int64)}

@@ -10,8 +10,6 @@ validation images, bicubic upsampling of their low-res version, and the upsample
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,29 +33,17 @@ def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fr
     import hashlib
 
     import torch
-    from PIL import Image
 
     from models import degradations
     from models.upsampler import downsample_to
-    from tasks.dataset import validation_mask
+    from tasks.dataset import decoded_pairs
 
     size, low_size = model_config["image_size"], model_config["low_res_size"]
     crop = model_config["crop_size"] or size // 4
-    keys = [str(k) for k in batch["__key__"]]
-    in_split = validation_mask(keys, val_fraction)
-    if split == "train":
-        in_split = ~in_split
     images, kept = [], []
-    for i, key in enumerate(keys):
-        meta = batch.get("json")
-        try:
-            if not in_split[i] or (meta is not None and json.loads(meta[i]).get("split") == "heldout"):
-                continue
-            with Image.open(io.BytesIO(batch["jpg"][i])) as im:
-                images.append(np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.uint8))
-            kept.append(key)
-        except Exception:
-            continue
+    for _, key, image in decoded_pairs(batch, split, val_fraction, size):
+        images.append(image)
+        kept.append(key)
     if not images:
         return {"image": np.zeros((0, size, size, 3), np.uint8), "low": np.zeros((0, 3, low_size, low_size), np.float32),
                 "crop": np.zeros((0, 2), np.int64)}
