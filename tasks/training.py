@@ -75,6 +75,8 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="rows held out for validation (by key hash)")
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
     max_bad_steps: int = Field(20, ge=1, description="consecutive NaN/inf steps before the stage stops")
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="rows each worker shuffles before batching, with a new order every epoch (0: read order)")
     cache_data: bool = Field(
         True, description="hold the training data in Ray's object store after the first read (fast epochs on "
         "small data); turn off for data larger than the object store, which is then streamed every epoch",
@@ -323,13 +325,18 @@ def train_loop(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
-    checked, bad_in_a_row, last = False, 0, {}
-    window_start, window_samples = time.perf_counter(), 0
+    checked, bad_in_a_row, last, epoch = False, 0, {}, 0
+    # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
+    # counted, and does not become the stage's reported loss.
+    window_start, window_samples, window_losses, good_metrics = time.perf_counter(), 0, [], {}
     progress = _progress(cfg.steps, step, config) if rank == 0 else None
     while step < cfg.steps:
         micro = 0
         batches_this_epoch = 0
-        for raw in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
+        epoch += 1
+        shuffle = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
+                       local_shuffle_seed=config["seed"] * 1000 + rank + 7919 * step + epoch) if cfg.shuffle_buffer else {}
+        for raw in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, **shuffle):
             batches_this_epoch += 1
             batch = make_batch(raw)
             if not checked:
@@ -353,6 +360,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     network.after_optimizer_step()
                 ema.update(network)
                 bad_in_a_row = 0
+                window_losses.append(loss.detach())
+                good_metrics = metrics
             else:
                 counters["skipped_steps"] += 1
                 bad_in_a_row += 1
@@ -370,14 +379,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 last = {
                     "step": step,
-                    "loss": float(loss.detach()),
-                    **{k: float(v) for k, v in metrics.items()},
+                    "loss": float(torch.stack(window_losses).float().mean()) if window_losses else float("nan"),
+                    **{k: float(v) for k, v in good_metrics.items()},
                     "lr": schedule.get_last_lr()[0],
                     "grad_norm": float(norm),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "skipped_steps": counters["skipped_steps"],
                 }
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, window_losses = time.perf_counter(), 0, []
                 if logger:
                     logger.metrics(last, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -51,7 +51,8 @@ def test_killed_worker_recovers_and_metrics_do_not_go_back(train_inputs, tmp_pat
 
 
 def test_nan_rows_are_skipped_and_counted(train_inputs, tmp_path):
-    # a copy of the table with NaN embeddings in every row of one shard
+    # a copy of the table with NaN embeddings in two rows: each epoch (12 full batches of the 192
+    # rows) has one or two bad batches, so some steps are skipped and most are not
     import shutil
 
     from tasks.schema import list_embedding_files
@@ -61,19 +62,20 @@ def test_nan_rows_are_skipped_and_counted(train_inputs, tmp_path):
     first = list_embedding_files(embed)[0]
     table = pq.read_table(first)
     emb = np.asarray(table["image_emb"].to_pylist(), dtype=np.float32)
-    emb[:] = np.nan
+    emb[:2] = np.nan
     import pyarrow as pa
 
     column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=table.schema.field("image_emb").type.value_type),
                                                emb.shape[1])
     pq.write_table(table.set_column(table.schema.get_field_index("image_emb"), "image_emb", column), first)
     cfg = train_prior.TrainPriorConfig(steps=30, batch_size=16, workers=1, checkpoint_every=30, log_every=5,
-                                       val_fraction=0.0, max_bad_steps=30)
+                                       val_fraction=0.0, max_bad_steps=3)
     inputs = Inputs(train_inputs.root, train_inputs.ingest, embed)
     counts, run_id, uri = run_stage(train_prior, cfg, inputs, tmp_path, "train_prior")
     assert counts["steps"] == 30
-    assert 0 < counts["skipped_steps"] < 30
+    assert 1 <= counts["skipped_steps"] <= 6
     assert np.isfinite(counts["loss"])
+    assert all(np.isfinite(v) for _, v in metric_history(uri, run_id, "loss"))
 
 
 @pytest.mark.slow
@@ -82,8 +84,11 @@ def test_killed_driver_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     args = ["run", QUICK, "--storage", storage, "--until", "train_prior", "--set", "synth.n=60",
             "--set", "train_prior.steps=400", "--set", "train_prior.checkpoint_every=20", "--set", "train_prior.batch_size=8"]
     first = unclip(*args, cwd=tmp_path, start_new_session=True)
+    # Ray Train registers a checkpoint in its snapshot after the directory is written; a kill in
+    # between leaves nothing to resume from (a fresh start, which is right but not this test)
+    snapshot = storage / "train_prior" / "ray_train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
-    while time.time() < deadline and not _checkpoints(storage / "train_prior"):
+    while time.time() < deadline and not snapshot.exists():
         assert first.poll() is None, first.stdout.read()
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
