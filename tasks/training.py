@@ -138,6 +138,14 @@ def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> dict[str, f
     return resources
 
 
+def torch_threads(cfg: TrainConfig, resources: dict[str, float], cluster: dict[str, float]) -> int:
+    """Torch threads per worker. The CPU left to Ray Data by `worker_resources` has nothing to
+    read once the data is cached before the first step, so the workers share it then."""
+    if cfg.cache_data and cfg.cpus_per_worker is None and not cfg.use_gpu:
+        return max(1, int(float(cluster.get("CPU", 1)) // cfg.workers))
+    return max(1, int(resources["CPU"]))
+
+
 def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict[str, Any],
         train_ds, val_ds) -> dict[str, float]:
     """Train to `cfg.steps` (resuming if a checkpoint of this stage exists), export, return counts."""
@@ -158,7 +166,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
     datasets = {"train": train_ds}
     if val_ds is not None:
         datasets["validation"] = val_ds
-    resources = worker_resources(cfg, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    resources = worker_resources(cfg, cluster)
     active = mlflow.active_run()
     loop_config = {
         "kind": spec.kind,
@@ -170,7 +179,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "samples": spec.samples,
         "setup": spec.setup,
         "seed": ctx.seed,
-        "threads": max(1, int(resources["CPU"])),
+        "threads": torch_threads(cfg, resources, cluster),
         "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id if active else None},
         "has_validation": val_ds is not None,
         "show_progress": ctx.show_progress,

@@ -116,3 +116,19 @@ def test_rows_whose_image_is_missing_are_counted_and_skipped(train_inputs, tmp_p
     all_rows = embedding_dataset(train_inputs.embed, split="all", columns=["key"]).take_all()
     assert len(rows) == len(all_rows) - 5
     assert not dropped & {r["key"] for r in rows}
+
+
+def test_workers_share_the_data_cpu_only_when_the_data_is_cached():
+    from tasks import training
+
+    cluster = {"CPU": 2.0}
+    cached = training.TrainConfig(workers=1)
+    resources = training.worker_resources(cached, cluster)
+    assert resources["CPU"] == 1.0  # one CPU stays free for Ray Data's reads
+    assert training.torch_threads(cached, resources, cluster) == 2
+    streamed = training.TrainConfig(workers=1, cache_data=False)
+    assert training.torch_threads(streamed, training.worker_resources(streamed, cluster), cluster) == 1
+    two = training.TrainConfig(workers=2)
+    assert training.torch_threads(two, training.worker_resources(two, {"CPU": 8.0}), {"CPU": 8.0}) == 4
+    pinned = training.TrainConfig(workers=1, cpus_per_worker=1.0)
+    assert training.torch_threads(pinned, training.worker_resources(pinned, {"CPU": 8.0}), {"CPU": 8.0}) == 1
