@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ from tasks.context import EXECUTION_ONLY, StageContext
 
 REAL_STATS = "real_stats"  # the cache directory, kept when the stage is redone (pipelines.dag Stage.keep)
 METRICS_FILE = "metrics.json"
+BARS_FILE = "bars.json"
 PROBE_FILE = "aesthetic_probe.safetensors"
 
 
@@ -83,6 +86,10 @@ class EvaluateConfig(BaseModel):
     aesthetic_probe: str | None = Field(None, description="a fitted probe (.safetensors: weight, bias) instead of a table")
     aesthetic_alpha: float = Field(1.0, gt=0, description="ridge strength of the probe")
     grid_rows: int = Field(8, ge=1, le=64, description="captions per sample grid")
+    manipulation_images: int = Field(8, ge=0, description="held-out images inverted, varied, interpolated (section 3); 0: none")
+    bars: list[str] = Field(default_factory=list, description="quality bars checked on the metrics, e.g. "
+                            "'heldout/one_object_colour_acc >= 0.95' or 'heldout/fd_clip < heldout/fd_clip_text_emb'; "
+                            "the report and bars.json say which passed")
     batch_size: int = Field(16, ge=1, description="jobs per actor call", json_schema_extra=EXECUTION_ONLY)
     actors: int | None = Field(None, ge=1, description="actor pool size (default: from the cluster)", json_schema_extra=EXECUTION_ONLY)
     cpus_per_actor: float | None = Field(None, gt=0, description="default: from the cluster", json_schema_extra=EXECUTION_ONLY)
@@ -95,8 +102,44 @@ class EvaluateConfig(BaseModel):
             raise ValueError(f"splits are listed more than once: {splits}")
         return splits
 
+    @field_validator("bars")
+    @classmethod
+    def _bars_parse(cls, bars: list[str]) -> list[str]:
+        for bar in bars:
+            parse_bar(bar)
+        return bars
+
     def guidance_sweep(self) -> list[float]:
         return sorted(set(self.decoder_guidance_scales) | {self.decoder_guidance})
+
+
+BAR = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s*$")
+COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def parse_bar(bar: str) -> tuple[str, str, str]:
+    match = BAR.match(bar)
+    if not match:
+        raise ValueError(f"bar {bar!r} is not '<metric> <op> <number or metric>' with op one of >=, <=, >, <; "
+                         "e.g. 'heldout/one_object_colour_acc >= 0.95'")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def check_bars(bars: list[str], metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """Each bar with its value, its threshold and whether it passed (a missing metric fails, named)."""
+    results = []
+    for bar in bars:
+        name, op, rhs = parse_bar(bar)
+        try:
+            threshold = float(rhs)
+        except ValueError:
+            threshold = metrics.get(rhs)
+        value = metrics.get(name)
+        passed = value is not None and threshold is not None and bool(COMPARE[op](value, threshold))
+        missing = [m for m, v in ((name, value), (rhs, threshold)) if v is None]
+        results.append({"bar": bar, "value": value, "threshold": threshold, "passed": passed,
+                        **({"missing": missing} if missing else {})})
+    return results
 
 
 def resolve_path(path: str | None, storage: Path) -> Path | None:
@@ -556,6 +599,15 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
     m["text_cos_image"] = mean_cosine(data.text_emb[q], data.image_emb[q])
     m["prior_cos_unrelated"] = mean_cosine(np.roll(z_hat, 1, axis=0), data.image_emb[q])
 
+    base, final = drawn["base"][main], drawn["image"][main]
+    if base.shape[1] < final.shape[1]:  # the upsamplers' added detail, against bicubic of the same base image
+        from tasks.metrics import bicubic_to, high_frequency_share
+
+        cutoff = 0.5 * base.shape[1] / final.shape[1]
+        m["hf_share"] = high_frequency_share(final, cutoff)
+        m["hf_share_bicubic"] = high_frequency_share(bicubic_to(base, final.shape[1]), cutoff)
+        m["hf_share_real"] = high_frequency_share(data.images, cutoff)
+
     if first:
         headline = {k: v for k, v in m.items() if not k.endswith("_real")}
         _, zero_shot = image_set("text_emb", cfg.decoder_guidance)
@@ -611,6 +663,30 @@ def sweep_rows(cfg: EvaluateConfig, metrics: dict[str, float]) -> list[dict[str,
         row.setdefault("diversity", float("nan"))
         rows.append(row)
     return rows
+
+
+def manipulate(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, score_size: int,
+               out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+    """Section 3-4 strips and checks (tasks.manipulations) on the first split's real images, on the driver."""
+    from tasks import manipulations
+    from tasks.stack import load_stack
+
+    stack = load_stack(ctx.storage, which=cfg.which)
+    n = min(cfg.manipulation_images, len(data.keys))
+    settings = manipulations.Settings(steps=cfg.decoder_steps, upsampler_steps=cfg.upsampler_steps, images=max(n, 2))
+    return manipulations.run(stack, data.images, data.image_emb, data.captions, data.objects, settings,
+                             out_dir / "manipulations", score_size)
+
+
+def stage_seconds(storage: Path) -> dict[str, float]:
+    """Wall time of each finished stage of the run, in the order they ran (from the manifests the
+    runner writes last in each stage's directory)."""
+    found = []
+    for path in Path(storage).glob("*/_manifest.json"):
+        manifest = json.loads(path.read_text())
+        if "duration_s" in manifest:
+            found.append((manifest.get("started_at", ""), manifest.get("stage", path.parent.name), float(manifest["duration_s"])))
+    return {stage: seconds for _, stage, seconds in sorted(found)}
 
 
 def output_size(storage: Path, which: str) -> int:
@@ -669,7 +745,12 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
                    real_stats_cached=float(cache_hits))
     if probe is not None:
         metrics["aesthetic_probe_r2"] = probe.r2
+    strips: list[Path] = []
+    if cfg.manipulation_images > 0:
+        manipulated, strips = manipulate(cfg, ctx, data[cfg.splits[0]], score_size, out_dir)
+        metrics.update({f"{cfg.splits[0]}/{k}": v for k, v in manipulated.items()})
     metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+    bars = check_bars(cfg.bars, metrics)
     lap("metrics")
 
     grids = [p for i, s in enumerate(cfg.splits) for p in write_grids(cfg, data[s], jobs, drawn, i == 0, out_dir)]
@@ -683,15 +764,21 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"Aesthetic probe: {probe.source}; R² on held-out ratings {probe.r2:.3f}." if probe is not None else
         "No aesthetic probe (set evaluate.aesthetic_ratings or evaluate.aesthetic_probe).",
     ]
+    (out_dir / BARS_FILE).write_text(json.dumps(bars, indent=2))
     report = html_report(out_dir / "report.html", f"unCLIP evaluation: {ctx.storage}", metrics, notes,
-                         [("Samples (caption under each row)", grids), ("Guidance sweep", plots)])
+                         [("Samples (caption under each row)", grids),
+                          ("Variations, interpolation, text diff, PCA probe (sections 3-4)", strips),
+                          ("Guidance sweep", plots)],
+                         bars=bars, stage_seconds=stage_seconds(ctx.storage))
     lap("outputs")
     metrics.update(seconds, evaluate_s=time.perf_counter() - started)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if mlflow.active_run() is not None:
         probe_files = [out_dir / PROBE_FILE, (out_dir / PROBE_FILE).with_suffix(".json")] if probe else []
-        for path in [out_dir / METRICS_FILE, report, *plots, *probe_files]:
+        for path in [out_dir / METRICS_FILE, out_dir / BARS_FILE, report, *plots, *probe_files]:
             mlflow.log_artifact(str(path))
         for path in grids:
             mlflow.log_artifact(str(path), artifact_path="grids")
+        for path in strips:
+            mlflow.log_artifact(str(path), artifact_path="manipulations")
     return metrics

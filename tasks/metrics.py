@@ -162,6 +162,23 @@ def _at_least(images: np.ndarray, size: int) -> list:
     return out
 
 
+def high_frequency_share(images: np.ndarray, cutoff: float) -> float:
+    """Mean share of an image's spectral power (grey level, mean removed) above `cutoff` cycles
+    per pixel (Nyquist is 0.5). With cutoff = the Nyquist of a smaller base image, it measures
+    the detail an upsampler adds: bicubic upsampling adds almost none, sharp real edges have some."""
+    grey = np.asarray(images, np.float64).mean(-1)
+    grey -= grey.mean(axis=(1, 2), keepdims=True)
+    power = np.abs(np.fft.fft2(grey)) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(grey.shape[1]), np.fft.fftfreq(grey.shape[2]), indexing="ij")
+    high = np.hypot(fx, fy) > cutoff
+    return float((power[:, high].sum(1) / np.maximum(power.reshape(len(grey), -1).sum(1), 1e-12)).mean())
+
+
+def bicubic_to(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, s, s, 3) uint8 -> (N, size, size, 3) uint8 by PIL's bicubic."""
+    return np.stack([np.asarray(im) for im in _at_least(images, size)])
+
+
 def scene_accuracy(images: np.ndarray, objects: list[str], size: int) -> dict[str, float]:
     """The scorer on images of known scenes. One object: its colour and shape against the
     largest detection; two objects: exactly the two colour-shape pairs (tasks.shapes.score_matches)."""

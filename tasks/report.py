@@ -90,10 +90,20 @@ def _inline_png(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}">'
 
 
+def _number(value) -> str:
+    return "missing" if value is None else f"{value:.4g}"
+
+
 def html_report(path: Path, title: str, metrics: dict[str, float], notes: Sequence[str],
-                sections: Sequence[tuple[str, Sequence[Path]]]) -> Path:
-    """One self-contained HTML file: notes, the metrics table, then each section's images."""
+                sections: Sequence[tuple[str, Sequence[Path]]], bars: Sequence[dict] = (),
+                stage_seconds: dict[str, float] | None = None) -> Path:
+    """One self-contained HTML file: notes, the quality bars (passed or not), the wall time of
+    each stage, each section's images, then the metrics table."""
     rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(metrics.items()))
+    bar_rows = "\n".join(
+        f"<tr><td>{html.escape(b['bar'])}</td><td>{_number(b['value'])}</td><td>{_number(b['threshold'])}</td>"
+        f"<td style='color:{'green' if b['passed'] else 'red'}'>{'pass' if b['passed'] else 'FAIL'}</td></tr>" for b in bars)
+    time_rows = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in (stage_seconds or {}).items())
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -104,7 +114,17 @@ def html_report(path: Path, title: str, metrics: dict[str, float], notes: Sequen
         f"<h1>{html.escape(title)}</h1>",
         "".join(f"<p>{html.escape(n)}</p>" for n in notes),
     ]
+    if bars:
+        parts += ["<h2>Quality bars</h2>",
+                  f"<table><tr><th>bar</th><th>value</th><th>threshold</th><th></th></tr>{bar_rows}</table>"]
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        parts += ["<h2>Wall time per stage</h2>",
+                  f"<table><tr><th>stage</th><th>wall time</th></tr>{time_rows}"
+                  f"<tr><td><b>total</b></td><td>{total:.0f} s</td></tr></table>"]
     for heading, images in sections:
+        if not images:
+            continue
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.extend(f"<div>{_inline_png(p)}</div>" for p in images)
     parts += ["<h2>Metrics</h2>", f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>", "</body></html>"]

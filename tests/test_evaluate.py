@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tasks import metrics
 
@@ -72,6 +73,31 @@ def test_stand_in_rating_grows_with_the_shapes():
     two = metrics.stand_in_rating(scene(ShapeObject("red", "square", "large", 0.27, 0.5), ShapeObject("blue", "square", "large", 0.73, 0.5)))
     assert 0 < small < large < two <= 10
     assert large == pytest.approx(10 * (2 * 0.9 * 0.19) ** 2, rel=0.1)  # a square of side 2 x 0.9 x 0.19
+
+
+def test_high_frequency_share_sees_detail_above_the_cutoff_only():
+    from PIL import Image
+
+    y, x = np.mgrid[0:64, 0:64]
+    stripes = lambda cycles: np.repeat((127 + 100 * np.cos(2 * np.pi * cycles * x / 64))[None, ..., None], 3, -1)  # noqa: E731
+    assert metrics.high_frequency_share(stripes(24), 0.25) == pytest.approx(1.0)  # 24/64 = 0.375 cycles per pixel
+    assert metrics.high_frequency_share(stripes(8), 0.25) == pytest.approx(0.0, abs=1e-12)  # 0.125
+    # a sharp square loses its detail above the 32-px Nyquist when it goes down to 32 px and back by bicubic
+    square = np.full((1, 64, 64, 3), 230, np.uint8)
+    square[0, 20:44, 20:44] = (200, 30, 30)
+    small = np.asarray(Image.fromarray(square[0]).resize((32, 32), Image.Resampling.BICUBIC))[None]
+    assert metrics.high_frequency_share(metrics.bicubic_to(small, 64), 0.25) < 0.3 * metrics.high_frequency_share(square, 0.25)
+
+
+def test_bars_compare_with_numbers_and_metrics_and_name_what_is_missing():
+    from tasks import evaluate
+
+    values = {"a/acc": 0.96, "a/fd": 0.5, "a/fd_text": 0.8}
+    results = evaluate.check_bars(["a/acc >= 0.95", "a/fd < a/fd_text", "a/acc>0.99", "a/psnr >= 30"], values)
+    assert [r["passed"] for r in results] == [True, True, False, False]
+    assert results[1]["threshold"] == 0.8 and results[3]["missing"] == ["a/psnr"]
+    with pytest.raises(ValueError, match="is not '<metric> <op>"):
+        evaluate.EvaluateConfig(bars=["a/acc = 1"])
 
 
 def test_diversity_and_clip_score():
@@ -257,10 +283,12 @@ FIRST_SPLIT = ["fd_clip_text_emb", "clip_score_text_emb", "one_object_colour_acc
 def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     import mlflow
 
-    values, run_id = run_evaluate(stack_storage)
+    bars = ["heldout/one_object_colour_acc_real >= 0.9", "heldout/fd_clip_real_halves < heldout/fd_clip", "heldout/nothing > 0"]
+    values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4)
     out = stack_storage / "evaluate"
     saved = json.loads((out / "metrics.json").read_text())
     expected = [f"{s}/{k}" for s in ("heldout", "validation") for k in PER_SPLIT] + [f"heldout/{k}" for k in FIRST_SPLIT]
+    expected += [f"heldout/{k}" for k in ("inversion_psnr", "variation_consistency", "hf_share", "hf_share_bicubic", "hf_share_real")]
     expected += ["images", "generate_s", "aesthetic_probe_r2"]
     assert not [k for k in expected if k not in saved], sorted(saved)
     assert any(k.startswith("heldout/two_object_acc") for k in saved) or saved["heldout/two_object_prompts"] == 0
@@ -273,8 +301,13 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_probe.safetensors",
                  "grids/heldout_one_object.png", "grids/validation_one_object.png"):
         assert (out / name).is_file(), name
+    assert [b["passed"] for b in json.loads((out / "bars.json").read_text())] == [True, True, False]
+    for name in ("variations.png", "interpolation.png", "text_diff.png"):  # no pca stage here: no PCA probe
+        assert (out / "manipulations" / name).is_file(), name
+    assert Image.open(out / "manipulations" / "interpolation.png").width >= 8 * 64  # real | 6 frames | real
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "heldout/fd_clip" in html and "src=\"http" not in html
+    assert html.count("data:image/png;base64,") >= 7 and "heldout/fd_clip" in html and "src=\"http" not in html
+    assert "Quality bars" in html and "FAIL" in html and "heldout/nothing" in html
     client = mlflow.MlflowClient(f"sqlite:///{stack_storage}/mlflow.db")
     logged = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "grids")}
     assert {"metrics.json", "report.html", "fd_vs_guidance.png", "grids/heldout_one_object.png"} <= logged
