@@ -20,6 +20,8 @@ Exported, but sampled differently by the pipeline (what `UnCLIP.sample` must be 
   (ours: PriorConfig.normalize);
 - the null caption: the pipeline encodes "" with its text encoder; ours is learned unless
   `UnCLIP.use_empty_caption_as_null` (set_null_condition) made it that encoding;
+- the decoder's guidance: the pipeline splits a variance off the decoder's output whenever it
+  guides, so it can guide only a learned-variance decoder (DecoderConfig.learned_variance);
 - the upsampler's conditioning: the pipeline does not clamp the bicubic-upsampled image to [-1, 1]
   (ours does, models.upsampler.upsample_to), and runs `super_res_last` for the last step (ours:
   one network, exported as both).

@@ -28,7 +28,7 @@ from models import prior as prior_mod
 from models import upsampler as ups
 from models.diffusers_export import decoder_to_diffusers, export_unclip, prior_to_diffusers, upsampler_to_diffusers
 from models.unclip import Stage, TextCondition, UnCLIP
-from tests.model_helpers import perturb
+from tests.model_helpers import perturb, random_clip_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,32 +42,10 @@ STEPS = 4  # UnCLIPScheduler's timesteps 999, 666, 333, 0 (no rounding ties betw
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 3.0
 
 
-def tiny_clip_text():
-    """A random-init transformers CLIP text model and a letters-only BPE tokenizer (no files, no
-    downloads), and our TextEncoder over them (the unnormalised projection, as Karlo's)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c + "</w>": 2 + i for i, c in enumerate(letters)},
-             **{c: 28 + i for i, c in enumerate(letters)}}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=L)
-    torch.manual_seed(0)
-    model = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=D, intermediate_size=2 * D, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=L, projection_dim=D, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval().double()
-
-    def encode(captions) -> TextCondition:
-        tokens = tokenizer(list(captions), padding="max_length", max_length=L, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            out = model(tokens.input_ids)
-        return TextCondition(out.text_embeds, out.last_hidden_state, tokens.attention_mask.bool())
-
-    return tokenizer, model, encode
-
-
 @pytest.fixture(scope="module")
 def ours():
-    tokenizer, text_model, encode = tiny_clip_text()
+    tokenizer, text_model, encode = random_clip_text(D, L)
+    text_model.double()
     torch.manual_seed(1)
     prior = perturb(prior_mod.DiffusionPrior(PRIOR), seed=1).eval()
     with torch.no_grad():  # predicted latents beyond +-5, so that the prior's clamp matters
