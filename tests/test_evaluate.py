@@ -288,7 +288,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
         assert saved[f"heldout/{key}"] >= 0.9, key
     assert saved["heldout/text_cos_image"] == pytest.approx(saved["heldout/clip_score_real"], abs=0.05)
 
-    for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_probe.safetensors",
+    for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_vs_recall.png", "aesthetic_probe.safetensors",
                  "grids/heldout_one_object.png", "grids/validation_one_object.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
