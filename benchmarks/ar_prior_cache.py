@@ -36,6 +36,40 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def measure(size: str = "small", kept_dims: int | None = None, batch: int = 4, guidance: float = 3.0, repeats: int = 2,
+            device: str = "cpu", dtype: str = "float32") -> dict:
+    """Tokens/s of the AR prior's sampling with and without the cache (also used by benchmarks/sample.py)."""
+    overrides = {"kept_dims": kept_dims} if kept_dims else {}
+    c = config_for("ar_prior", size, **overrides)
+    g = torch.Generator().manual_seed(0)
+    z_i = F.normalize(torch.randn(4 * c.num_buckets, c.embed_dim, generator=g), dim=-1)
+    z_t = F.normalize(z_i + torch.randn(z_i.shape, generator=g), dim=-1)
+    basis = fit_pca(z_i, c.kept_dims, c.num_buckets, (z_i * z_t).sum(-1), c.similarity_buckets)
+    torch_dtype = getattr(torch, dtype)
+    model = ARPrior(c, basis).eval().to(device, torch_dtype)
+    text_emb = z_t[:batch].to(device, torch_dtype)
+    states = torch.randn(batch, c.text_len, c.text_dim, generator=g).to(device, torch_dtype)
+
+    def draw(use_cache: bool):
+        return model.sample(text_emb, states, guidance_scale=guidance, generator=torch.Generator().manual_seed(1),
+                            use_cache=use_cache, return_tokens=True)
+
+    result = {"size": size, "kept_dims": c.kept_dims, "width": c.width, "layers": c.num_layers,
+              "text_len": c.text_len, "batch": batch, "guidance_scale": guidance, "device": device,
+              "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    tokens = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        if device != "cpu":
+            draw(use_cache)  # warm-up (kernels, allocator); on CPU the timed repeats are enough
+        seconds = min(timed(lambda: tokens.__setitem__(name, draw(use_cache)[1]), device) for _ in range(repeats))
+        result[f"{name}_s"] = round(seconds, 3)
+        result[f"{name}_tokens_per_s"] = round(batch * c.kept_dims / seconds, 1)
+    result["speedup"] = round(result["uncached_s"] / result["cached_s"], 2)
+    result["same_tokens"] = bool(torch.equal(tokens["cached"], tokens["uncached"]))
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="small", help="tiny | small | base | paper")
@@ -49,36 +83,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    overrides = {"kept_dims": args.kept_dims} if args.kept_dims else {}
-    c = config_for("ar_prior", args.size, **overrides)
-    g = torch.Generator().manual_seed(0)
-    z_i = F.normalize(torch.randn(4 * c.num_buckets, c.embed_dim, generator=g), dim=-1)
-    z_t = F.normalize(z_i + torch.randn(z_i.shape, generator=g), dim=-1)
-    basis = fit_pca(z_i, c.kept_dims, c.num_buckets, (z_i * z_t).sum(-1), c.similarity_buckets)
-    dtype = getattr(torch, args.dtype)
-    model = ARPrior(c, basis).eval().to(args.device, dtype)
-    text_emb = z_t[: args.batch].to(args.device, dtype)
-    states = torch.randn(args.batch, c.text_len, c.text_dim, generator=g).to(args.device, dtype)
-
-    def draw(use_cache: bool):
-        return model.sample(text_emb, states, guidance_scale=args.guidance, generator=torch.Generator().manual_seed(1),
-                            use_cache=use_cache, return_tokens=True)
-
-    result = {"size": args.size, "kept_dims": c.kept_dims, "width": c.width, "layers": c.num_layers,
-              "text_len": c.text_len, "batch": args.batch, "guidance_scale": args.guidance, "device": args.device,
-              "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.machine(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-    tokens = {}
-    for name, use_cache in (("cached", True), ("uncached", False)):
-        if args.device != "cpu":
-            draw(use_cache)  # warm-up (kernels, allocator); on CPU the timed repeats are enough
-        seconds = min(timed(lambda: tokens.__setitem__(name, draw(use_cache)[1]), args.device) for _ in range(args.repeats))
-        result[f"{name}_s"] = round(seconds, 3)
-        result[f"{name}_tokens_per_s"] = round(args.batch * c.kept_dims / seconds, 1)
-    result["speedup"] = round(result["uncached_s"] / result["cached_s"], 2)
-    result["same_tokens"] = bool(torch.equal(tokens["cached"], tokens["uncached"]))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(measure(args.size, args.kept_dims, args.batch, args.guidance, args.repeats, args.device, args.dtype), indent=2))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   fid, fid_text_emb                                  the same with the FID Inception (only with inception_weights)
   clip_score, clip_score_text_emb, clip_score_real   mean cos(CLIP image embedding, caption z_t)
   diversity                                          mean pairwise CLIP distance (1 - cos) among one prompt's samples
+  precision, recall                                  k-NN precision/recall (k = 3) of generated vs real CLIP image
+                                                     features (tasks.metrics.precision_recall; > 3 of each needed)
   aesthetic, aesthetic_real                          the CLIP probe's mean predicted rating
   prior_cos_image, prior_cos_text                    cos(ẑ_i, z_i), cos(ẑ_i, z_t) for the prior's samples ẑ_i
   text_cos_image                                     cos(z_t, z_i): the text baseline
   prior_cos_unrelated                                cos(ẑ_i of another pair's caption, z_i)
-  guidance_<g>/{fd_clip,fid,clip_score,diversity,aesthetic}   the guidance sweep (first split)
+  guidance_<g>/{fd_clip,fid,clip_score,diversity,precision,recall,aesthetic}   the guidance sweep (first split)
 Synthetic shapes only (scorer, images scored at >= score_size px):
   one_object_colour_acc, one_object_shape_acc, one_object_acc (both right) for one-object prompts,
   two_object_acc (both objects' colour and shape right, nothing else seen) for two-object prompts;
@@ -551,12 +553,14 @@ def generate(cfg: EvaluateConfig, ctx: StageContext, jobs: list[Job], pool: dict
 def image_set_metrics(data: SplitData, prompts: np.ndarray, drawn: dict[str, np.ndarray], idx: np.ndarray, probe,
                       score_size: int) -> dict[str, float]:
     """The metrics of one set of generated images (rows `idx` of `drawn`, drawn for `prompts`)."""
-    from tasks.metrics import FeatureStats, diversity, frechet_distance, mean_cosine, scene_accuracy
+    from tasks.metrics import PRC_NEIGHBOURS, FeatureStats, diversity, frechet_distance, mean_cosine, precision_recall, scene_accuracy
 
     clip = drawn["clip"][idx]
     m = {"fd_clip": frechet_distance(FeatureStats.of(data.clip), clip), "clip_score": mean_cosine(clip, data.text_emb[prompts])}
     if len(set(prompts.tolist())) < len(prompts):
         m["diversity"] = diversity(clip, prompts)
+    if min(len(clip), len(data.clip)) > PRC_NEIGHBOURS:
+        m.update(precision_recall(clip, data.clip))
     if probe is not None:
         m["aesthetic"] = float(probe.predict(clip).mean())
     if data.inception is not None:
@@ -616,7 +620,7 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         for g in cfg.guidance_sweep():
             swept = headline if g == cfg.decoder_guidance else image_set("stack", g)[1]
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
-                      if k in ("fd_clip", "fid", "clip_score", "diversity", "aesthetic")})
+                      if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")})
     return m
 
 

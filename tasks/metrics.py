@@ -4,8 +4,9 @@
   (CLIP image embeddings: `fd_clip`; the FID Inception network: `fid`). Real-image statistics are
   kept as `FeatureStats` (the metric's own running sums), so they can be cached per dataset version.
 - FID's Inception network from a local safetensors file only (`inception_network`): nothing downloads.
-- CLIP score (mean cosine between a generated image's CLIP embedding and its caption's z_t) and
-  diversity (mean pairwise CLIP cosine distance between samples of one prompt).
+- CLIP score (mean cosine between a generated image's CLIP embedding and its caption's z_t),
+  diversity (mean pairwise CLIP cosine distance between samples of one prompt), and k-NN
+  precision/recall of generated vs real features (torch-fidelity's, Kynkäänniemi et al. 2019).
 - On the synthetic shapes, the scorer's colour/shape accuracy for scenes of known content (`scene_accuracy`).
 - The CLIP-probe aesthetic score: a ridge regression on CLIP image embeddings of a ratings table
   (`fit_probe`, `LinearProbe`), as the paper's AVA probe; `stand_in_rating` rates the synthetic shapes.
@@ -145,6 +146,26 @@ def diversity(features: np.ndarray, groups: np.ndarray) -> float:
         upper = np.triu_indices(len(f), k=1)
         values.append(float((1.0 - cos[upper]).mean()))
     return float(np.mean(values)) if values else float("nan")
+
+
+PRC_NEIGHBOURS = 3  # the paper's (Kynkäänniemi et al. 2019) and torch-fidelity's default k
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = PRC_NEIGHBOURS) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) by torch-fidelity's k-NN estimate:
+    precision is the fraction of generated features inside some real feature's ball (radius: the
+    distance to its k-th nearest real neighbour), recall the fraction of real features inside some
+    generated feature's ball. Euclidean distance on the features as given; each set needs more
+    than k rows."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    generated, real = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (generated, real))
+    if generated.ndim != 2 or real.ndim != 2 or generated.shape[1] != real.shape[1]:
+        raise ValueError(f"precision_recall: features must be [n, d] with the same d, got {tuple(generated.shape)} and {tuple(real.shape)}")
+    if min(len(generated), len(real)) <= k:
+        raise ValueError(f"precision_recall: k={k} needs more than {k} generated and real rows, got {len(generated)} and {len(real)}")
+    out = prc_features_to_metric(generated, real, prc_neighborhood=k, save_cpu_ram=False, verbose=False)
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], column_titles:
 
 
 def guidance_plots(sweep: list[dict[str, float]], out_dir: Path) -> list[Path]:
-    """fd_vs_guidance.png (the paper's fig. 11 axis: Fréchet distance against decoder guidance) and
-    aesthetic_vs_diversity.png (fig. 13: the probe's mean score against sample diversity, one
-    point per guidance scale). `sweep`: rows with guidance, fd_clip, aesthetic, diversity (and fid)."""
+    """fd_vs_guidance.png (the paper's fig. 11 axis: Fréchet distance against decoder guidance),
+    aesthetic_vs_recall.png (fig. 13: the probe's mean score against recall, one point per
+    guidance scale; when every row has a recall) and aesthetic_vs_diversity.png (the same against
+    sample diversity). `sweep`: rows with guidance, fd_clip, aesthetic, diversity (and fid, recall)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,18 +71,22 @@ def guidance_plots(sweep: list[dict[str, float]], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1])
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-    ax.plot([row["diversity"] for row in sweep], [row["aesthetic"] for row in sweep], "o-")
-    for row in sweep:
-        ax.annotate(f"g={row['guidance']:g}", (row["diversity"], row["aesthetic"]), fontsize=8,
-                    textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("diversity (mean pairwise CLIP distance)")
-    ax.set_ylabel("aesthetic probe (mean)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "aesthetic_vs_diversity.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    against = [("diversity", "diversity (mean pairwise CLIP distance)")]
+    if all("recall" in row for row in sweep):
+        against.insert(0, ("recall", "recall (k-NN, CLIP image features)"))
+    for key, label in against:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+        ax.plot([row[key] for row in sweep], [row["aesthetic"] for row in sweep], "o-")
+        for row in sweep:
+            ax.annotate(f"g={row['guidance']:g}", (row[key], row["aesthetic"]), fontsize=8,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel("aesthetic probe (mean)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out_dir / f"aesthetic_vs_{key}.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
     return paths
 
 

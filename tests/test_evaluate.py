@@ -108,6 +108,23 @@ def test_diversity_and_clip_score():
     assert metrics.mean_cosine(np.array([[3.0, 0.0]]), np.array([[1.0, 1.0]])) == pytest.approx(2 ** -0.5)
 
 
+def test_precision_recall_on_a_hand_checked_case():
+    # real: 0, 1, 2, 3 on a line; with k = 1 each real ball has radius 1 (its nearest neighbour).
+    # generated: 0.5 (inside the balls of 0 and 1) and 10 (in none): precision 1/2. Each generated
+    # ball has radius 9.5 (the other generated point), which covers every real point: recall 1.
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    generated = np.array([[0.5], [10.0]])
+    assert metrics.precision_recall(generated, real, k=1) == {"precision": 0.5, "recall": 1.0}
+    # swapped roles: 0..3 as generated (radius 1) cover only 0.5 of the two "real" points; the
+    # "real" balls (radius 9.5) cover all four generated ones
+    assert metrics.precision_recall(real, generated, k=1) == {"precision": 1.0, "recall": 0.5}
+    # a far-off generated cluster: nothing inside the real balls, no real point inside its balls
+    far = np.array([[100.0], [100.5], [101.0], [101.5]])
+    assert metrics.precision_recall(far, real, k=1) == {"precision": 0.0, "recall": 0.0}
+    with pytest.raises(ValueError, match="more than 3"):
+        metrics.precision_recall(generated, real)
+
+
 # ---------------------------------------------------------------------------------------------
 # FID's Inception from a local file
 
@@ -272,12 +289,13 @@ def run_evaluate(storage: Path, **overrides):
     return values, run.info.run_id
 
 
-PER_SPLIT = ["fd_clip", "fd_clip_real_halves", "clip_score", "clip_score_real", "diversity", "aesthetic", "aesthetic_real",
+PER_SPLIT = ["fd_clip", "fd_clip_real_halves", "clip_score", "clip_score_real", "diversity", "precision", "recall",
+             "aesthetic", "aesthetic_real",
              "prior_cos_image", "prior_cos_text", "text_cos_image", "prior_cos_unrelated",
              "one_object_colour_acc", "one_object_shape_acc", "one_object_acc", "one_object_colour_acc_base",
              "one_object_colour_acc_real", "one_object_prompts", "two_object_prompts"]
 FIRST_SPLIT = ["fd_clip_text_emb", "clip_score_text_emb", "one_object_colour_acc_text_emb",
-               "guidance_1/fd_clip", "guidance_2/fd_clip", "guidance_1/aesthetic", "guidance_2/diversity"]
+               "guidance_1/fd_clip", "guidance_2/fd_clip", "guidance_1/aesthetic", "guidance_2/diversity", "guidance_2/recall"]
 
 
 def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
@@ -298,7 +316,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
         assert saved[f"heldout/{key}"] >= 0.9, key
     assert saved["heldout/text_cos_image"] == pytest.approx(saved["heldout/clip_score_real"], abs=0.05)
 
-    for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_probe.safetensors",
+    for name in ("report.html", "fd_vs_guidance.png", "aesthetic_vs_diversity.png", "aesthetic_vs_recall.png", "aesthetic_probe.safetensors",
                  "grids/heldout_one_object.png", "grids/validation_one_object.png"):
         assert (out / name).is_file(), name
     assert [b["passed"] for b in json.loads((out / "bars.json").read_text())] == [True, True, False]
