@@ -28,11 +28,14 @@ Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   text_cos_image                                     cos(z_t, z_i): the text baseline
   prior_cos_unrelated                                cos(ẑ_i of another pair's caption, z_i)
   guidance_<g>/{fd_clip,fid,clip_score,diversity,precision,recall,aesthetic}   the guidance sweep (first split)
+hf_share, hf_share_bicubic, hf_share_real: spectral power above the decoder's Nyquist of the upsampled
+  output, of bicubic upsampling of the same base image, of real images; hf_gap(_bicubic): |log| ratio to real
 Synthetic shapes only (scorer, images scored at >= score_size px):
   one_object_colour_acc, one_object_shape_acc, one_object_acc (both right) for one-object prompts,
   two_object_acc (both objects' colour and shape right, nothing else seen) for two-object prompts;
   with suffix _base: the decoder's output before the upsampler (bicubic to the same size);
   _text_emb: the zero-shot baseline; _real: the real images (the scorer's own error)
+Sections 3-4 (first split, tasks.manipulations): inversion_psnr; variation_consistency (synthetic shapes)
 Global: images, images_per_s, aesthetic_probe_r2, real_stats_cached (splits whose real features came from the
 cache), and wall times setup_s, read_s, real_features_s, generate_s, metrics_s, outputs_s, evaluate_s.
 """
@@ -611,6 +614,9 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         m["hf_share"] = high_frequency_share(final, cutoff)
         m["hf_share_bicubic"] = high_frequency_share(bicubic_to(base, final.shape[1]), cutoff)
         m["hf_share_real"] = high_frequency_share(data.images, cutoff)
+        # how far each is from the real images' share, in log ratio: the upsampler should be closer
+        m["hf_gap"] = abs(float(np.log(max(m["hf_share"], 1e-12) / max(m["hf_share_real"], 1e-12))))
+        m["hf_gap_bicubic"] = abs(float(np.log(max(m["hf_share_bicubic"], 1e-12) / max(m["hf_share_real"], 1e-12))))
 
     if first:
         headline = {k: v for k, v in m.items() if not k.endswith("_real")}

@@ -306,7 +306,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     out = stack_storage / "evaluate"
     saved = json.loads((out / "metrics.json").read_text())
     expected = [f"{s}/{k}" for s in ("heldout", "validation") for k in PER_SPLIT] + [f"heldout/{k}" for k in FIRST_SPLIT]
-    expected += [f"heldout/{k}" for k in ("inversion_psnr", "variation_consistency", "hf_share", "hf_share_bicubic", "hf_share_real")]
+    expected += [f"heldout/{k}" for k in ("inversion_psnr", "variation_consistency", "hf_share", "hf_share_bicubic", "hf_share_real", "hf_gap")]
     expected += ["images", "generate_s", "aesthetic_probe_r2"]
     assert not [k for k in expected if k not in saved], sorted(saved)
     assert any(k.startswith("heldout/two_object_acc") for k in saved) or saved["heldout/two_object_prompts"] == 0
