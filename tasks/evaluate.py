@@ -27,7 +27,7 @@ Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   prior_cos_image, prior_cos_text                    cos(ẑ_i, z_i), cos(ẑ_i, z_t) for the prior's samples ẑ_i
   text_cos_image                                     cos(z_t, z_i): the text baseline
   prior_cos_unrelated                                cos(ẑ_i of another pair's caption, z_i)
-  guidance_<g>/{fd_clip,fid,clip_score,diversity,precision,recall,aesthetic}   the guidance sweep (first split)
+  guidance_<g>/{fd_clip,fid,clip_score,diversity,precision,recall,aesthetic,one_object_*}   the guidance sweep (first split)
 hf_share, hf_share_bicubic, hf_share_real: spectral power above the decoder's Nyquist of the upsampled
   output, of bicubic upsampling of the same base image, of real images; hf_gap(_bicubic): |log| ratio to real
 Synthetic shapes only (scorer, images scored at >= score_size px):
@@ -626,7 +626,8 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         for g in cfg.guidance_sweep():
             swept = headline if g == cfg.decoder_guidance else image_set("stack", g)[1]
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
-                      if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")})
+                      if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")
+                      or k.startswith("one_object_")})
     return m
 
 
