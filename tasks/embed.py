@@ -5,11 +5,17 @@ Ray Data streaming pipeline:
     shard paths ──► read + decode + preprocess (tasks, `decode_cpus` each; a generator that streams
                     chunks of a shard)
                 ──► CLIP encode (actor pool, `batch_size` rows per call, `num_gpus_per_actor`)
-                ──► driver: rows grouped by shard; a shard's file is written (atomically) once all
-                    of its rows have arrived.
+                ──► part writers (actor pool): each batch's kept rows, grouped by shard, written as a
+                    part file under `.parts/<shard>/`; out comes one small row per shard (counts and
+                    the part's path)
+                ──► driver: adds up counts only; once all of a shard's rows are in parts, a merge
+                    task concatenates them into the shard's one Parquet file (written atomically)
+                    and deletes the parts.
 
-Each reader ends a shard with a marker row carrying the number of rows it emitted, so the driver
-knows when a shard is complete whatever order the blocks arrive in. Damaged input is counted and
+The driver never holds an embedding, so its memory does not grow with the data. Each reader ends a
+shard with a marker row carrying the number of rows it emitted, so the driver knows when a shard is
+complete whatever order the blocks arrive in. Parts live in a hidden folder that no reader lists and
+every run starts by clearing, so a killed run never leaves anything that looks like a finished shard. Damaged input is counted and
 skipped, never fatal: an undecodable image or a non-UTF-8 caption drops that sample; a truncated
 tar keeps the samples before the damage; an unreadable tar yields an empty file.
 
@@ -26,7 +32,9 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +73,8 @@ STATUS_CORRUPT_CAPTION = "corrupt_caption"
 STATUS_INCOMPLETE = "incomplete_sample"  # an image without a caption or the other way round
 STATUS_FILTERED = "filtered_similarity"
 MARKER = "__end__"
+PARTS_DIR = ".parts"  # under the stage's output; hidden, so list_embedding_files never sees a part
+WRITER_CPUS = 0.25  # reserved per part-writer actor (writing Parquet is light next to encoding)
 
 
 class EmbedConfig(BaseModel):
@@ -349,9 +359,11 @@ class ClipEncodeActor:
 def plan_resources(cfg: EmbedConfig, cluster: dict[str, float], pending_shards: int) -> dict[str, Any]:
     """Actor pool size, CPUs/GPUs per actor and torch threads from the cluster's resources.
 
-    CPU only: one actor per 8 CPUs; the actor reserves half the CPUs it stands for, leaving the rest
-    to the decode tasks, and runs that many intra-op threads (on a 2-CPU machine: 1 actor, 1 CPU
-    reserved, 2 threads, decode tasks at 0.5 CPU each). GPUs: one actor per `num_gpus_per_actor`.
+    CPU only: one actor per 8 CPUs; the actor and its part writer together reserve half the CPUs
+    they stand for, leaving the rest to the decode tasks, and the actor runs that many intra-op
+    threads (on a 2-CPU machine: 1 actor with 0.75 CPU and 2 threads, 1 writer with 0.25 CPU, decode
+    tasks at 0.5 CPU each). GPUs: one actor per `num_gpus_per_actor`. One part writer per actor,
+    `WRITER_CPUS` each.
     """
     cpus = float(cluster.get("CPU", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
@@ -360,19 +372,21 @@ def plan_resources(cfg: EmbedConfig, cluster: dict[str, float], pending_shards: 
             raise ValueError(f"embed.num_gpus_per_actor={cfg.num_gpus_per_actor} but the Ray cluster has {gpus:g} GPUs; "
                              "set embed.num_gpus_per_actor: 0 to encode on CPUs")
         size = cfg.actor_pool_size or max(1, int(gpus // cfg.num_gpus_per_actor))
-        per_actor = cfg.cpus_per_actor or min(1.0, max(0.25, (cpus - cfg.decode_cpus) / (2 * size)))
+        per_actor = cfg.cpus_per_actor or min(1.0, max(0.25, (cpus - cfg.decode_cpus - size * WRITER_CPUS) / (2 * size)))
         threads = cfg.torch_threads or max(1, int(per_actor))
     else:
         size = cfg.actor_pool_size or max(1, int(cpus // 8))
-        per_actor = cfg.cpus_per_actor or max(0.25, min(cpus / size / 2, 8.0))
+        per_actor = cfg.cpus_per_actor or max(0.25, min(cpus / size / 2, 8.0) - WRITER_CPUS)
         threads = cfg.torch_threads or max(1, int(cpus // size))
-    if size * per_actor + cfg.decode_cpus > cpus + 1e-9:
+    if size * (per_actor + WRITER_CPUS) + cfg.decode_cpus > cpus + 1e-9:
         raise ValueError(
-            f"embed: {size} encoder actors x {per_actor:g} CPUs + a decode task ({cfg.decode_cpus:g} CPUs) need more "
+            f"embed: {size} encoder actors x {per_actor:g} CPUs + {size} part writers x {WRITER_CPUS:g} CPUs + a decode "
+            f"task ({cfg.decode_cpus:g} CPUs) need more "
             f"than the cluster's {cpus:g} CPUs, which would stall the pipeline; lower embed.actor_pool_size or "
             "embed.cpus_per_actor (fractional values are fine)")
     return {"actor_pool_size": size, "cpus_per_actor": per_actor, "gpus_per_actor": cfg.num_gpus_per_actor,
-            "torch_threads": threads, "decode_cpus": cfg.decode_cpus}
+            "torch_threads": threads, "decode_cpus": cfg.decode_cpus, "writer_pool_size": size,
+            "cpus_per_writer": WRITER_CPUS}
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -398,6 +412,67 @@ def _shard_table(rows: list[dict[str, np.ndarray]], schema) -> tuple:
     return embedding_table(data, schema), counts
 
 
+STATUS_COLUMNS = {STATUS_OK: "ok", STATUS_CORRUPT_IMAGE: "corrupt_image", STATUS_CORRUPT_CAPTION: "corrupt_caption",
+                  STATUS_INCOMPLETE: "incomplete", STATUS_FILTERED: "filtered"}
+
+
+class ShardPartWriter:
+    """Writes the kept rows of each encoded batch, grouped by shard, as a part file
+    `<out>/.parts/<shard>/<id>.parquet`; returns one row per shard in the batch with its status
+    counts and the part's path, and one row per end marker with the shard's expected row count.
+    Embeddings stop here: what goes on to the driver is counts and paths."""
+
+    def __init__(self, parts_dir: str, schema):
+        self.parts_dir = Path(parts_dir)
+        self.schema = schema
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        status = np.asarray(batch["status"], dtype=object)
+        shards = np.asarray(batch["shard"], dtype=object)
+        is_marker = np.array([str(s).startswith(MARKER) for s in status], bool)
+        out: dict[str, list] = defaultdict(list)
+
+        def add(shard, rows=0, expected=-1, truncated=False, part="", status_counts=None):
+            out["shard"].append(str(shard))
+            out["rows"].append(rows)
+            out["expected"].append(expected)
+            out["truncated"].append(truncated)
+            out["part"].append(part)
+            for s, column in STATUS_COLUMNS.items():
+                out[column].append((status_counts or {}).get(s, 0))
+
+        for shard in np.unique(shards[~is_marker]):
+            sel = np.flatnonzero(~is_marker & (shards == shard))
+            table, status_counts = _shard_table([{k: v[sel] for k, v in batch.items()}], self.schema)
+            part = ""
+            if table.num_rows:  # a part is complete once listed here: the driver only merges listed parts
+                folder = self.parts_dir / str(shard)
+                folder.mkdir(parents=True, exist_ok=True)
+                part = str(folder / f"{uuid.uuid4().hex}.parquet")
+                pq.write_table(table, part, compression="none")
+            add(shard, rows=len(sel), part=part, status_counts=status_counts)
+        for i in np.flatnonzero(is_marker):
+            add(shards[i], expected=int(batch["count"][i]), truncated=str(status[i]) != MARKER)
+        return {"shard": np.array(out["shard"], dtype=object), "part": np.array(out["part"], dtype=object),
+                "truncated": np.array(out["truncated"], bool),
+                **{k: np.array(out[k], np.int64) for k in ("rows", "expected", *STATUS_COLUMNS.values())}}
+
+
+def merge_shard_parts(parts: list[str], schema, target: str, shard_parts_dir: str) -> int:
+    """One shard's parts → its Parquet file (atomic: temp name, then rename), rows in key order;
+    the parts are deleted afterwards. Runs as a Ray task; returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p).replace_schema_metadata(schema.metadata) for p in parts]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    write_embeddings(table.sort_by("key").replace_schema_metadata(schema.metadata), target)
+    shutil.rmtree(shard_parts_dir, ignore_errors=True)
+    return table.num_rows
+
+
 def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     import ray
 
@@ -405,6 +480,8 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     out_dir = Path(ctx.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
+    parts_dir = out_dir / PARTS_DIR
+    shutil.rmtree(parts_dir, ignore_errors=True)  # a killed run's parts: their shards are embedded again
     shards = list_raw_shards(ctx.input("ingest"))
 
     if cfg.clip_from == "train_clip":  # the CLIP the train_clip stage exported (tasks.train_clip)
@@ -462,50 +539,63 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
                 num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
                 fn_constructor_kwargs={"spec": spec, "device": device, "threads": plan["torch_threads"],
                                        "emb_dtype": cfg.emb_dtype, "min_similarity": cfg.min_similarity})
+            # batch_size=None: each encoded block is written as it comes, so shards finish while others stream
+            ds = ds.map_batches(
+                ShardPartWriter, batch_size=None, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan["writer_pool_size"]), num_cpus=plan["cpus_per_writer"],
+                fn_constructor_kwargs={"parts_dir": str(parts_dir), "schema": schema})
         finally:
             data_ctx.target_max_block_size, data_ctx.enable_progress_bars = saved
 
-        buffers: dict[str, list] = defaultdict(list)
+        # merges reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
+        # that waited for one would finish shards only at the end (not incremental)
+        merge = ray.remote(merge_shard_parts).options(num_cpus=0)
+        parts: dict[str, list[str]] = defaultdict(list)
         seen: dict[str, int] = defaultdict(int)
         expected: dict[str, int] = {}
         truncated: set[str] = set()
+        merging: dict[Any, str] = {}
         with progress(total=len(pending), desc="embed: shards", unit="shard", enabled=ctx.show_progress) as bar:
-            def finish(shard: str):
-                table, status_counts = _shard_table(buffers.pop(shard), schema)
-                meta = {**embed_metadata(schema), "source": sources[shard]}
-                table = table.replace_schema_metadata({EMBED_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-                write_embeddings(table, embedding_file(out_dir, shard))
-                counts["shards_embedded"] += 1
-                counts["rows"] += table.num_rows
-                counts["rows_read"] += sum(status_counts.values())
-                counts["skipped_corrupt_image"] += status_counts[STATUS_CORRUPT_IMAGE]
-                counts["skipped_corrupt_caption"] += status_counts[STATUS_CORRUPT_CAPTION]
-                counts["skipped_incomplete"] += status_counts[STATUS_INCOMPLETE]
-                counts["filtered_similarity"] += status_counts[STATUS_FILTERED]
-                bar.update(1)
+            def collect(timeout: float | None):
+                done, _ = ray.wait(list(merging), num_returns=len(merging), timeout=timeout)
+                for ref in done:
+                    merging.pop(ref)
+                    counts["rows"] += ray.get(ref)
+                    counts["shards_embedded"] += 1
+                    bar.update(1)
 
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 if "first_output_seconds" not in counts:  # start-up + the first encoder task
                     counts["first_output_seconds"] = time.perf_counter() - t0
-                status = batch["status"]
-                is_marker = np.array([str(s).startswith(MARKER) for s in status])
-                data_rows = np.flatnonzero(~is_marker)
-                if len(data_rows):
-                    for shard in np.unique(batch["shard"][data_rows]):
-                        sel = data_rows[batch["shard"][data_rows] == shard]
-                        buffers[shard].append({k: v[sel] for k, v in batch.items()})
-                        seen[shard] += len(sel)
-                for i in np.flatnonzero(is_marker):
-                    shard = str(batch["shard"][i])
-                    expected[shard] = int(batch["count"][i])
-                    if str(status[i]) != MARKER:
-                        truncated.add(shard)
+                for i, shard in enumerate(batch["shard"]):
+                    if batch["expected"][i] >= 0:
+                        expected[shard] = int(batch["expected"][i])
+                        if batch["truncated"][i]:
+                            truncated.add(shard)
+                        continue
+                    seen[shard] += int(batch["rows"][i])
+                    if batch["part"][i]:
+                        parts[shard].append(str(batch["part"][i]))
+                    counts["rows_read"] += int(batch["rows"][i])
+                    counts["skipped_corrupt_image"] += int(batch["corrupt_image"][i])
+                    counts["skipped_corrupt_caption"] += int(batch["corrupt_caption"][i])
+                    counts["skipped_incomplete"] += int(batch["incomplete"][i])
+                    counts["filtered_similarity"] += int(batch["filtered"][i])
                 for shard in [s for s in expected if seen[s] == expected[s]]:
-                    buffers.setdefault(shard, [])
-                    finish(shard)
+                    meta = {**embed_metadata(schema), "source": sources[shard]}
+                    shard_schema = schema.with_metadata({EMBED_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+                    ref = merge.remote(parts.pop(shard, []), shard_schema, str(embedding_file(out_dir, shard)),
+                                       str(parts_dir / shard))
+                    merging[ref] = shard
                     del expected[shard], seen[shard]
-        if expected or buffers:
-            raise RuntimeError(f"embed: incomplete shards after the pipeline finished: {sorted(set(expected) | set(buffers))}")
+                if merging:
+                    collect(timeout=0)
+            if merging:
+                collect(timeout=None)
+        if expected or seen or parts:
+            raise RuntimeError("embed: incomplete shards after the pipeline finished: "
+                               f"{sorted(set(expected) | set(seen) | set(parts))}")
+        shutil.rmtree(parts_dir, ignore_errors=True)
         counts["shards_truncated"] = len(truncated)
         if truncated:
             import logging

@@ -51,6 +51,7 @@ def test_counts_rows_and_filter(embedded):
 def test_one_file_per_shard_unique_keys_and_damage_handling(embedded):
     files = list_embedding_files(embedded.out)
     assert [f.stem for f in files] == [f"{i:05d}" for i in range(6)]
+    assert not (embedded.out / ".parts").exists()  # the workers' part files were merged and removed
     table = _table(embedded)
     keys = table["key"].to_pylist()
     assert len(keys) == len(set(keys))
@@ -146,11 +147,12 @@ def test_killed_run_resumes_to_the_same_table(embedded, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     written_before = len(list(out.glob("*.parquet")))
     assert 1 <= written_before < 6
+    assert len(list_embedding_files(out)) == written_before  # a killed run's parts never look like a shard
     cfg = EmbedConfig(clip_arch="tiny", clip_pretrained=None, batch_size=16, min_similarity=embedded.threshold)
     counts = run(cfg, StageContext("embed", tmp_path, out, {"ingest": ingest}, seed=0, show_progress=False))
     assert counts["shards_skipped_existing"] == written_before
     assert counts["shards_embedded"] == 6 - written_before
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp")) and not (out / ".parts").exists()
     resumed, reference = read_embeddings(out).sort_by("key"), _table(embedded).sort_by("key")
     keys = resumed["key"].to_pylist()
     assert keys == reference["key"].to_pylist() and len(keys) == len(set(keys))
@@ -186,7 +188,8 @@ def test_rerun_embeds_only_new_shards(embedded):
 
 def test_plan_resources_on_small_and_gpu_clusters():
     plan = plan_resources(EmbedConfig(), {"CPU": 2.0}, 4)
-    assert plan["actor_pool_size"] == 1 and plan["cpus_per_actor"] == 1.0 and plan["torch_threads"] == 2
+    assert plan["actor_pool_size"] == 1 and plan["cpus_per_actor"] == 0.75 and plan["torch_threads"] == 2
+    assert plan["writer_pool_size"] == 1 and plan["cpus_per_writer"] == 0.25
     plan = plan_resources(EmbedConfig(num_gpus_per_actor=1), {"CPU": 16.0, "GPU": 4.0}, 100)
     assert plan["actor_pool_size"] == 4 and plan["gpus_per_actor"] == 1
     with pytest.raises(ValueError, match="num_gpus_per_actor"):
@@ -216,3 +219,37 @@ def test_unreadable_tar_and_empty_shard_table(tmp_path):
     assert len(items) == 1 and isinstance(items[0], Exception)
     table, counts = _shard_table([], embedding_schema(64, 32))
     assert table.num_rows == 0 and sum(counts.values()) == 0 and table.schema.names[0] == "key"
+
+
+def test_part_writer_groups_by_shard_and_merge_writes_one_sorted_file(tmp_path):
+    """The worker side without Ray: one batch holding two shards and a marker → one part per shard
+    and counts only; merging parts → the shard's file, rows in key order, parts gone."""
+    from tasks.embed import MARKER, ShardPartWriter, merge_shard_parts
+    from tasks.schema import embedding_schema
+
+    schema = embedding_schema(4, 8)
+    rng = np.random.default_rng(0)
+
+    def batch(keys, shards, statuses, counts=None):
+        n = len(keys)
+        return {"key": np.array(keys, object), "caption": np.array([f"c{k}" for k in keys], object),
+                "shard": np.array(shards, object), "split": np.array(["train"] * n, object),
+                "status": np.array(statuses, object), "count": np.array(counts or [0] * n, np.int64),
+                "image_emb": rng.normal(size=(n, 4)).astype(np.float16), "text_emb": rng.normal(size=(n, 4)).astype(np.float16),
+                "text_tokens": np.ones((n, 8), np.int32), "similarity": np.zeros(n, np.float32)}
+
+    writer = ShardPartWriter(str(tmp_path / ".parts"), schema)
+    first = writer(batch(["b3", "a1", "x1", "b2"], ["00000", "00000", "00001", "00000"],
+                         ["ok", "ok", "filtered_similarity", "corrupt_image"]))
+    assert sorted(first) == sorted(["shard", "part", "truncated", "rows", "expected", "ok", "corrupt_image",
+                                    "corrupt_caption", "incomplete", "filtered"])  # no embeddings go on
+    by_shard = {s: i for i, s in enumerate(first["shard"])}
+    assert first["rows"][by_shard["00000"]] == 3 and first["ok"][by_shard["00000"]] == 2
+    assert first["corrupt_image"][by_shard["00000"]] == 1 and first["part"][by_shard["00001"]] == ""  # nothing kept
+    second = writer(batch(["a0", ""], ["00000", "00000"], ["ok", MARKER], counts=[0, 4]))
+    assert list(second["expected"]) == [-1, 4] and list(second["rows"]) == [1, 0]
+    parts = [first["part"][by_shard["00000"]], second["part"][0]]
+    target = tmp_path / "00000.parquet"
+    assert merge_shard_parts(parts, schema, str(target), str(tmp_path / ".parts" / "00000")) == 3
+    assert pq.read_table(target)["key"].to_pylist() == ["a0", "a1", "b3"]
+    assert not (tmp_path / ".parts" / "00000").exists() and list_embedding_files(tmp_path) == [target]
