@@ -12,6 +12,13 @@ contender loads that file, as a user's run loads its CLIP weights.
 samples/s counts from the start of the stage's `run` (or the loop) to its end, weight loading included;
 Ray's own start-up (`ray.init`) is reported apart.
 
+The driver's own memory is reported apart (`driver_peak_rss_mb`: the driver process's peak RSS,
+from getrusage, and `driver_rss_before_run_mb`, its RSS once Ray, torch and open_clip are imported):
+the stage's workers write the Parquet files, so the driver holds no embeddings and its peak should not
+grow with the data (`driver_peak_rss_growth` between the first and last size, target <= 10%), nor
+should throughput drop (`stage_throughput_ratio`, last size over first; `steady_throughput_ratio`
+the same after the first output, which leaves out the start-up that dominates a small run).
+
 Two loops are timed: `loop` encodes text with open_clip's `encode_text` (all context positions), and
 `loop_cut_text` with the stage's text encoder (`models.clip.ClipEncoder.encode_text`, which stops at
 the batch's last end token). `stage_vs_loop` is the stage against the plain loop; `stage_vs_loop_cut_text`
@@ -24,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tarfile
@@ -157,13 +165,20 @@ def run_stage(shards: Path, out: Path, model: str, weights: str, batch_size: int
 
     cfg = EmbedConfig(clip_model=model, clip_pretrained=weights, clip_arch=arch, batch_size=batch_size, torch_threads=threads)
     out.mkdir(parents=True, exist_ok=True)
+    with open("/proc/self/statm") as f:
+        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     t0 = time.perf_counter()
     counts = run(cfg, StageContext("embed", out.parent, out, {"ingest": shards}, seed=0, show_progress=False))
     seconds = time.perf_counter() - t0
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     ray.shutdown()
+    first = counts.get("first_output_seconds")
     return {"samples": counts["rows_read"], "seconds": seconds, "samples_per_s": counts["rows_read"] / seconds,
+            # once the pipeline is up (actors started, first shard written): start-up weighs less at 10k than at 1k
+            "samples_per_s_after_first_output": counts["rows_read"] / (seconds - first) if first else None,
             "ray_init_seconds": t_init, "first_output_seconds": counts.get("first_output_seconds"),
-            "plan_torch_threads": counts.get("plan_torch_threads")}
+            "plan_torch_threads": counts.get("plan_torch_threads"),
+            "driver_rss_before_run_mb": round(rss_before / 2**20), "driver_peak_rss_mb": round(driver_peak / 2**20)}
 
 
 def run_loop(shards: Path, model: str, weights: str, batch_size: int, arch: str | None, cut_text: bool) -> dict:
@@ -271,9 +286,14 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
     runs = report["runs"]
     if len(runs) >= 2:
+        first, last = runs[0]["stage"], runs[-1]["stage"]
         for kind in ("rss", "pss"):
-            first, last = runs[0]["stage"][f"peak_{kind}_mb"], runs[-1]["stage"][f"peak_{kind}_mb"]
-            report[f"stage_{kind}_growth"] = round(last / first - 1, 3)
+            report[f"stage_{kind}_growth"] = round(last[f"peak_{kind}_mb"] / first[f"peak_{kind}_mb"] - 1, 3)
+        report["driver_peak_rss_growth"] = round(last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"] - 1, 3)
+        report["stage_throughput_ratio"] = round(last["samples_per_s"] / first["samples_per_s"], 3)
+        if first["samples_per_s_after_first_output"] and last["samples_per_s_after_first_output"]:
+            report["steady_throughput_ratio"] = round(
+                last["samples_per_s_after_first_output"] / first["samples_per_s_after_first_output"], 3)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
