@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import shutil
@@ -473,6 +474,15 @@ def merge_shard_parts(parts: list[str], schema, target: str, shard_parts_dir: st
     return table.num_rows
 
 
+class ShardMerger:
+    """A long-lived process for `merge_shard_parts`: merges as one-off tasks started a new Ray worker
+    process for many of them (Ray kills idle workers beyond the CPU count), which cost more CPU than
+    the merges themselves."""
+
+    def merge(self, parts: list[str], schema, target: str, shard_parts_dir: str) -> int:
+        return merge_shard_parts(parts, schema, target, shard_parts_dir)
+
+
 def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     import ray
 
@@ -547,51 +557,56 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         finally:
             data_ctx.target_max_block_size, data_ctx.enable_progress_bars = saved
 
-        # merges reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
+        # mergers reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
         # that waited for one would finish shards only at the end (not incremental)
-        merge = ray.remote(merge_shard_parts).options(num_cpus=0)
+        mergers = [ray.remote(ShardMerger).options(num_cpus=0).remote() for _ in range(plan["writer_pool_size"])]
+        next_merger = itertools.cycle(mergers)
         parts: dict[str, list[str]] = defaultdict(list)
         seen: dict[str, int] = defaultdict(int)
         expected: dict[str, int] = {}
         truncated: set[str] = set()
         merging: dict[Any, str] = {}
-        with progress(total=len(pending), desc="embed: shards", unit="shard", enabled=ctx.show_progress) as bar:
-            def collect(timeout: float | None):
-                done, _ = ray.wait(list(merging), num_returns=len(merging), timeout=timeout)
-                for ref in done:
-                    merging.pop(ref)
-                    counts["rows"] += ray.get(ref)
-                    counts["shards_embedded"] += 1
-                    bar.update(1)
+        try:
+            with progress(total=len(pending), desc="embed: shards", unit="shard", enabled=ctx.show_progress) as bar:
+                def collect(timeout: float | None):
+                    done, _ = ray.wait(list(merging), num_returns=len(merging), timeout=timeout)
+                    for ref in done:
+                        merging.pop(ref)
+                        counts["rows"] += ray.get(ref)
+                        counts["shards_embedded"] += 1
+                        bar.update(1)
 
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if "first_output_seconds" not in counts:  # start-up + the first encoder task
-                    counts["first_output_seconds"] = time.perf_counter() - t0
-                for i, shard in enumerate(batch["shard"]):
-                    if batch["expected"][i] >= 0:
-                        expected[shard] = int(batch["expected"][i])
-                        if batch["truncated"][i]:
-                            truncated.add(shard)
-                        continue
-                    seen[shard] += int(batch["rows"][i])
-                    if batch["part"][i]:
-                        parts[shard].append(str(batch["part"][i]))
-                    counts["rows_read"] += int(batch["rows"][i])
-                    counts["skipped_corrupt_image"] += int(batch["corrupt_image"][i])
-                    counts["skipped_corrupt_caption"] += int(batch["corrupt_caption"][i])
-                    counts["skipped_incomplete"] += int(batch["incomplete"][i])
-                    counts["filtered_similarity"] += int(batch["filtered"][i])
-                for shard in [s for s in expected if seen[s] == expected[s]]:
-                    meta = {**embed_metadata(schema), "source": sources[shard]}
-                    shard_schema = schema.with_metadata({EMBED_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-                    ref = merge.remote(parts.pop(shard, []), shard_schema, str(embedding_file(out_dir, shard)),
-                                       str(parts_dir / shard))
-                    merging[ref] = shard
-                    del expected[shard], seen[shard]
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if "first_output_seconds" not in counts:  # start-up + the first part written
+                        counts["first_output_seconds"] = time.perf_counter() - t0
+                    for i, shard in enumerate(batch["shard"]):
+                        if batch["expected"][i] >= 0:
+                            expected[shard] = int(batch["expected"][i])
+                            if batch["truncated"][i]:
+                                truncated.add(shard)
+                            continue
+                        seen[shard] += int(batch["rows"][i])
+                        if batch["part"][i]:
+                            parts[shard].append(str(batch["part"][i]))
+                        counts["rows_read"] += int(batch["rows"][i])
+                        counts["skipped_corrupt_image"] += int(batch["corrupt_image"][i])
+                        counts["skipped_corrupt_caption"] += int(batch["corrupt_caption"][i])
+                        counts["skipped_incomplete"] += int(batch["incomplete"][i])
+                        counts["filtered_similarity"] += int(batch["filtered"][i])
+                    for shard in [s for s in expected if seen[s] == expected[s]]:
+                        meta = {**embed_metadata(schema), "source": sources[shard]}
+                        shard_schema = schema.with_metadata({EMBED_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+                        ref = next(next_merger).merge.remote(parts.pop(shard, []), shard_schema,
+                                                             str(embedding_file(out_dir, shard)), str(parts_dir / shard))
+                        merging[ref] = shard
+                        del expected[shard], seen[shard]
+                    if merging:
+                        collect(timeout=0)
                 if merging:
-                    collect(timeout=0)
-            if merging:
-                collect(timeout=None)
+                    collect(timeout=None)
+        finally:
+            for merger in mergers:
+                ray.kill(merger)
         if expected or seen or parts:
             raise RuntimeError("embed: incomplete shards after the pipeline finished: "
                                f"{sorted(set(expected) | set(seen) | set(parts))}")
