@@ -8,16 +8,18 @@ Ray Data streaming pipeline:
                 ──► part writers (actor pool): each batch's kept rows, grouped by shard, written as a
                     part file under `.parts/<shard>/`; out comes one small row per shard (counts and
                     the part's path)
-                ──► driver: adds up counts only; once all of a shard's rows are in parts, a merge
-                    task concatenates them into the shard's one Parquet file (written atomically)
+                ──► driver: adds up counts only; once all of a shard's rows are in parts, a merger
+                    actor concatenates them into the shard's one Parquet file (written atomically)
                     and deletes the parts.
 
 The driver never holds an embedding, so its memory does not grow with the data. Each reader ends a
 shard with a marker row carrying the number of rows it emitted, so the driver knows when a shard is
 complete whatever order the blocks arrive in. Parts live in a hidden folder that no reader lists and
-every run starts by clearing, so a killed run never leaves anything that looks like a finished shard. Damaged input is counted and
-skipped, never fatal: an undecodable image or a non-UTF-8 caption drops that sample; a truncated
-tar keeps the samples before the damage; an unreadable tar yields an empty file.
+every run starts by clearing, so a killed run never leaves anything that looks like a finished
+shard. Workers and mergers write under the stage's output, so on a cluster it must be storage every
+node sees. Damaged input is counted and skipped, never fatal: an undecodable image or a non-UTF-8
+caption drops that sample; a truncated tar keeps the samples before the damage; an unreadable tar
+yields an empty file.
 
 Incremental: a shard whose output file exists with the same fingerprint (CLIP spec, dtype,
 filter) is not embedded again, so a re-run after a crash, or after new shards arrived, embeds only
