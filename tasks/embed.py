@@ -481,6 +481,9 @@ class ShardMerger:
     process for many of them (Ray kills idle workers beyond the CPU count), which cost more CPU than
     the merges themselves."""
 
+    def ready(self) -> bool:
+        return True
+
     def merge(self, parts: list[str], schema, target: str, shard_parts_dir: str) -> int:
         return merge_shard_parts(parts, schema, target, shard_parts_dir)
 
@@ -531,6 +534,10 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
             ray.init()
         plan = plan_resources(cfg, ray.cluster_resources(), len(pending))
         counts.update({f"plan_{k}": float(v) for k, v in plan.items()})
+        # mergers reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
+        # that waited for one would finish shards only at the end (not incremental). Started first,
+        # so that they are up before the first shard completes (waited for below).
+        mergers = [ray.remote(ShardMerger).options(num_cpus=0).remote() for _ in range(plan["writer_pool_size"])]
         embed_dim, context_length, preprocess_cfg = _describe(spec, plan["decode_cpus"])
         schema = embedding_schema(embed_dim, context_length, cfg.emb_dtype,
                                   metadata={"fingerprint": fingerprint, "clip": spec})
@@ -559,9 +566,6 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         finally:
             data_ctx.target_max_block_size, data_ctx.enable_progress_bars = saved
 
-        # mergers reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
-        # that waited for one would finish shards only at the end (not incremental)
-        mergers = [ray.remote(ShardMerger).options(num_cpus=0).remote() for _ in range(plan["writer_pool_size"])]
         next_merger = itertools.cycle(mergers)
         parts: dict[str, list[str]] = defaultdict(list)
         seen: dict[str, int] = defaultdict(int)
@@ -569,6 +573,7 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         truncated: set[str] = set()
         merging: dict[Any, str] = {}
         try:
+            ray.get([m.ready.remote() for m in mergers])
             with progress(total=len(pending), desc="embed: shards", unit="shard", enabled=ctx.show_progress) as bar:
                 def collect(timeout: float | None):
                     done, _ = ray.wait(list(merging), num_returns=len(merging), timeout=timeout)

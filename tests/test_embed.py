@@ -116,8 +116,17 @@ DRIVER = textwrap.dedent("""
     import ray
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, _temp_dir=sys.argv[3],
              log_to_driver=False)
+    import time
+    import tasks.embed
     from tasks.context import StageContext
     from tasks.embed import EmbedConfig, run
+
+    class SlowEncoder(tasks.embed.ClipEncodeActor):  # defined here, so Ray ships it by value
+        def __call__(self, batch):  # spreads the shards' completions out, so that the kill lands mid-run
+            time.sleep(0.05)
+            return super().__call__(batch)
+
+    tasks.embed.ClipEncodeActor = SlowEncoder
     cfg = EmbedConfig(clip_arch="tiny", clip_pretrained=None, batch_size=2, min_similarity=float(sys.argv[4]))
     run(cfg, StageContext("embed", Path(sys.argv[1]).parent, Path(sys.argv[2]), {"ingest": Path(sys.argv[1])},
                           seed=0, show_progress=False))
