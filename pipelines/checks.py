@@ -35,7 +35,7 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
         if name in STAGE_CHECKS:
             problems += STAGE_CHECKS[name](cfg.stage_config(name), storage)
         elif name.startswith("train_"):
-            problems += training.check_inputs(name, cfg.stage_config(name), storage)
+            problems += training.check_inputs(name, cfg.stage_config(name), storage, tracking_uri(cfg, storage))
     problems += tracking_problems(cfg) + ray_problems(cfg)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "the run cannot start:\n" + "\n".join(f"  {p}" for p in problems))
@@ -51,6 +51,11 @@ def check_stage_names(cfg: PipelineConfig, only: list[str] | None, until: str | 
                 hint = "; repeat --only for several stages" if option == "--only" and "," in name else ""
                 raise ConfigError(f"{option} {name!r}: no such stage (stages: {', '.join(STAGE_ORDER)}){hint}")
             raise ConfigError(f"{option} {name!r}: not one of this config's stages ({', '.join(cfg.stages)}); add it to `stages:` or pick another")
+
+
+def tracking_uri(cfg: PipelineConfig, storage: Path) -> str:
+    """The tracking URI the run will use (pipelines.runner.start_tracking decides the same way)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or f"sqlite:///{storage}/mlflow.db"
 
 
 def storage_problems(storage: str) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 STAGE_OF = {"prior": "train_prior", "decoder": "train_decoder", "upsampler": "train_upsampler"}
+PART_OF = {stage: part for part, stage in STAGE_OF.items()}  # the part a training stage makes
 PARTS = ("clip", "prior", "decoder", "upsampler", "pca")
 REQUIRED_PARTS = ("clip", "prior", "decoder")
 # the file that marks a part's directory as complete
@@ -123,23 +124,11 @@ def resolve_model(model: str, download_to: str | os.PathLike, tracking_uri: str 
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        uri = tracking_uri or mlflow.get_tracking_uri()
-        # An explicit client: `download_artifacts("models:/...")` resolves the registry through the
-        # process-wide tracking URI whatever `registry_uri` says, so `--tracking-uri` could be ignored.
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        name, sep, alias = model[len("models:/"):].partition("@")
+        source, uri = registry_source(model, tracking_uri)
         try:
-            if sep:
-                version = client.get_model_version_by_alias(name, alias).version
-            else:
-                name, _, version = name.rpartition("/")
-            source = client.get_model_version_download_uri(name, version)
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(download_to), tracking_uri=uri)
         except MlflowException as e:
-            reason = (str(e.message).strip().splitlines() or ["unknown error"])[0]
-            raise StackError(f"cannot fetch it from the model registry at {uri} ({reason}); check the name, alias "
-                             "or version, and point MLFLOW_TRACKING_URI (or --tracking-uri) at the store the "
-                             "model was registered in") from None
+            raise _registry_error(e, uri) from None
         return find_parts(local, which)
     if "://" in model or model.startswith(("models:", "runs:")):
         raise StackError("not a storage directory or a registry URI; use a run's storage directory or "
@@ -149,6 +138,34 @@ def resolve_model(model: str, download_to: str | os.PathLike, tracking_uri: str 
         raise StackError(f"{'is a file, not a' if path.exists() else 'no such'} directory; pass a run's storage "
                          "directory or a registry URI (models:/name@alias)")
     return stack_parts(path, which)
+
+
+def registry_source(model: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(artifact URI of the model version, tracking URI) of a registry URI (`models:/name@alias`,
+    `models:/name/version`), without downloading anything; StackError if it does not resolve."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    # An explicit client: `download_artifacts("models:/...")` resolves the registry through the
+    # process-wide tracking URI whatever `registry_uri` says, so `--tracking-uri` could be ignored.
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, sep, alias = model[len("models:/"):].partition("@")
+    try:
+        if sep:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = name.rpartition("/")
+        return client.get_model_version_download_uri(name, version), uri
+    except MlflowException as e:
+        raise _registry_error(e, uri) from None
+
+
+def _registry_error(error, uri: str) -> StackError:
+    reason = (str(error.message).strip().splitlines() or ["unknown error"])[0]
+    return StackError(f"cannot fetch it from the model registry at {uri} ({reason}); check the name, alias "
+                      "or version, and point MLFLOW_TRACKING_URI (or --tracking-uri) at the store the "
+                      "model was registered in")
 
 
 def load_stack(storage: str | os.PathLike, device: str = "cpu", which: Literal["ema", "best"] = "ema",

@@ -48,7 +48,9 @@ class TrainConfig(BaseModel):
     size: str = Field("tiny", description="named size in models/sizes.py (tiny, small, base, paper)")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of the named size's config fields")
     init_from: str | None = Field(None, description="start from these weights: a models.checkpoint directory, "
-                                  "a finished stage's output directory (its `ema/`), or a diffusers directory")
+                                  "a finished stage's output directory (its `ema/`), a run's storage directory "
+                                  "(its `<stage>/ema/`), a diffusers directory, or a registry URI "
+                                  "(models:/name@alias, models:/name/version) of a stack with this stage's part")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
@@ -172,7 +174,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
     loop_config = {
         "kind": spec.kind,
         "model_config": model_config,
-        "init_from": resolve_init_from(cfg.init_from, ctx.storage),
+        "init_from": resolve_init_from(cfg.init_from, ctx.storage, ctx.name, mlflow.get_tracking_uri(),
+                                       download_to=ctx.out_dir / "init_from"),
         "train": cfg.model_dump(mode="json", include=set(TrainConfig.model_fields)),
         "batches": spec.batches,
         "batch_args": spec.batch_args,
@@ -245,24 +248,66 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def resolve_init_from(source: str | None, storage: Path) -> str | None:
-    """The directory holding the weights to start from (a finished stage's directory means its
-    exported EMA); TrainingFailed when there is none."""
+def resolve_init_from(source: str | None, storage: Path, stage: str = "", tracking_uri: str | None = None,
+                      download_to: Path | None = None) -> str | None:
+    """The directory holding the weights to start from; TrainingFailed when there is none.
+
+    `source`: a models.checkpoint or diffusers directory; a finished stage's directory (its
+    exported `ema/`); a run's storage directory (its `<stage>/ema/`); or a registry URI
+    (`models:/name@alias`, `models:/name/version`) whose stack has the part this stage trains,
+    downloaded into `download_to`. Without `download_to` (pipelines.checks, before the run) a
+    registry URI is only resolved to a version, nothing is downloaded.
+    """
     if source is None:
         return None
+    if source.startswith("models:/"):
+        return _registry_part(source, stage, tracking_uri, download_to)
     path = Path(source) if Path(source).is_absolute() else Path(storage) / source
-    if (path / "ema").is_dir():
+    if stage and (path / stage / "ema").is_dir():
+        path = path / stage / "ema"
+    elif (path / "ema").is_dir():
         path = path / "ema"
     if not path.is_dir():
         raise TrainingFailed(f"init_from {source!r} does not exist (looked at {path}); give a checkpoint "
-                             "directory, a finished training stage's directory, or a diffusers directory")
+                             "directory, a finished training stage's directory, a run's storage directory, "
+                             "a diffusers directory or a registry URI (models:/name@alias)")
     return str(path)
 
 
-def check_inputs(stage: str, cfg: TrainConfig, storage: Path) -> list[str]:
-    """Problems found before the run starts (pipelines.checks): an init_from that is not there."""
+def _registry_part(source: str, stage: str, tracking_uri: str | None, download_to: Path | None) -> str | None:
+    """The directory of this stage's part of the registered stack `source` (see resolve_init_from)."""
+    from tasks.stack import PART_OF, StackError, registry_source, resolve_model
+
+    part = PART_OF.get(stage)
+    if part is None:
+        raise TrainingFailed(f"init_from {source!r}: a registered stack has parts {sorted(PART_OF.values())}, none "
+                             f"of which {stage or 'this stage'} trains; give a checkpoint directory instead")
     try:
-        resolve_init_from(cfg.init_from, storage)
+        if download_to is None:
+            registry_source(source, tracking_uri)
+            return None
+        shutil.rmtree(download_to, ignore_errors=True)  # a fresh copy: the alias may point elsewhere now
+        parts = resolve_model(source, download_to, tracking_uri)
+    except StackError as e:
+        raise TrainingFailed(f"init_from {source!r}: {e}") from None
+    if parts.get(part) is None:
+        have = ", ".join(p for p, d in parts.items() if d is not None)
+        raise TrainingFailed(f"init_from {source!r}: the registered stack has no {part} (it has {have}); register a "
+                             f"stack with a {part}, or give init_from a checkpoint directory")
+    return str(parts[part])
+
+
+def check_inputs(stage: str, cfg: TrainConfig, storage: Path, tracking_uri: str | None = None) -> list[str]:
+    """Problems found before the run starts (pipelines.checks): an init_from that is not there
+    (a registry URI is looked up at `tracking_uri`)."""
+    if (cfg.init_from or "").startswith("models:/") and (tracking_uri or "").startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+        if not db.is_file():  # looking it up would create an empty store before the run starts
+            return [f"{stage}.init_from {cfg.init_from!r}: there is no model registry at {tracking_uri} ({db} does "
+                    "not exist); point MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at the store the model was "
+                    "registered in"]
+    try:
+        resolve_init_from(cfg.init_from, storage, stage, tracking_uri)
     except TrainingFailed as e:
         return [f"{stage}.{e}"]
     return []
