@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
-from tasks import embed, evaluate, ingest, training
+from tasks import embed, evaluate, ingest, train_upsampler, training
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent
 STAGE_CHECKS: dict[str, Callable[..., list[str]]] = {
@@ -36,7 +36,7 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
             problems += STAGE_CHECKS[name](cfg.stage_config(name), storage)
         elif name.startswith("train_"):
             problems += training.check_inputs(name, cfg.stage_config(name), storage, tracking_uri(cfg, storage))
-    problems += tracking_problems(cfg) + ray_problems(cfg)
+    problems += upsampler_chain_problems(cfg) + tracking_problems(cfg) + ray_problems(cfg)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "the run cannot start:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -56,6 +56,20 @@ def check_stage_names(cfg: PipelineConfig, only: list[str] | None, until: str | 
 def tracking_uri(cfg: PipelineConfig, storage: Path) -> str:
     """The tracking URI the run will use (pipelines.runner.start_tracking decides the same way)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or f"sqlite:///{storage}/mlflow.db"
+
+
+def upsampler_chain_problems(cfg: PipelineConfig) -> list[str]:
+    """The second upsampler takes the first's output: its low_res_size must be the first's image_size."""
+    if "train_upsampler2" not in cfg.stages:
+        return []
+    try:
+        first, second = cfg.train_upsampler.upsampler_config(), cfg.train_upsampler2.upsampler_config()
+    except (TypeError, ValueError) as e:
+        return [f"train_upsampler / train_upsampler2: {e}; fix the size or model settings"]
+    if second["low_res_size"] != first["image_size"]:
+        return [f"train_upsampler2.model.low_res_size is {second['low_res_size']} but train_upsampler makes "
+                f"{first['image_size']}px images; set train_upsampler2.model.low_res_size={first['image_size']}"]
+    return []
 
 
 def storage_problems(storage: str) -> list[str]:

@@ -22,12 +22,13 @@ from tasks.synth import SynthConfig
 from tasks.train_clip import TrainClipConfig
 from tasks.train_decoder import TrainDecoderConfig
 from tasks.train_prior import TrainPriorConfig
-from tasks.train_upsampler import TrainUpsamplerConfig
+from tasks.train_upsampler import TrainUpsampler2Config, TrainUpsamplerConfig
 
 # the DAG's topological order; pipelines.dag holds the edges
 STAGE_ORDER = ("synth", "ingest", "train_clip", "embed", "pca", "train_prior", "train_decoder", "train_upsampler",
-               "evaluate", "register")
-OPTIONAL_STAGES = ("train_clip",)  # run only when listed in `stages` (embed.clip_from: train_clip)
+               "train_upsampler2", "evaluate", "register")
+# run only when listed in `stages`: train_clip (embed.clip_from: train_clip), a second upsampler
+OPTIONAL_STAGES = ("train_clip", "train_upsampler2")
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,7 @@ class PipelineConfig(BaseModel):
     train_prior: TrainPriorConfig = Field(default_factory=TrainPriorConfig)
     train_decoder: TrainDecoderConfig = Field(default_factory=TrainDecoderConfig)
     train_upsampler: TrainUpsamplerConfig = Field(default_factory=TrainUpsamplerConfig)
+    train_upsampler2: TrainUpsampler2Config = Field(default_factory=TrainUpsampler2Config)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
 
@@ -81,6 +83,9 @@ class PipelineConfig(BaseModel):
     def _known_and_unique(cls, stages: list[str]) -> list[str]:
         if len(set(stages)) != len(stages):
             raise ValueError(f"stages are listed more than once: {stages}")
+        if "train_upsampler2" in stages and "train_upsampler" not in stages:
+            raise ValueError("train_upsampler2 (the second upsampler) is listed without train_upsampler (the first, "
+                             "whose output it upsamples); add train_upsampler to stages")
         return [s for s in STAGE_ORDER if s in stages]  # run order is the DAG's, whatever the listing
 
     def stage_config(self, stage: str) -> BaseModel:

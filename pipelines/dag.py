@@ -15,7 +15,7 @@ from tasks import embed, evaluate, ingest, pca, register, synth, train_clip, tra
 # register takes the stack's parts from every stage of this run that makes one, and the metrics
 # that gate promotion from evaluate when it runs
 REGISTER_NEEDS = ("embed", "train_prior", "train_decoder")
-REGISTER_TAKES_IF_RUN = ("pca", "train_upsampler", "evaluate")
+REGISTER_TAKES_IF_RUN = ("pca", "train_upsampler", "train_upsampler2", "evaluate")
 
 
 def register_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -72,11 +72,15 @@ DAG: dict[str, Stage] = {
     "train_upsampler": Stage(
         "train_upsampler", train_upsampler.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True
     ),
+    # the second upsampler (the paper's 256→1024) trains from the images alone, like the first
+    "train_upsampler2": Stage(
+        "train_upsampler2", train_upsampler.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True
+    ),
     "evaluate": Stage(
         "evaluate",
         evaluate.run,
         inputs=lambda cfg: ("ingest", "embed", *(s for s in ("pca",) if s in cfg.stages), "train_prior", "train_decoder",
-                            *(s for s in ("train_upsampler",) if s in cfg.stages)),
+                            *(s for s in ("train_upsampler", "train_upsampler2") if s in cfg.stages)),
         needs_ray=True,
         keep=(evaluate.REAL_STATS,),
     ),

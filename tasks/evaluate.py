@@ -705,7 +705,7 @@ def output_size(storage: Path, which: str) -> int:
     from tasks.stack import stack_parts
 
     parts = stack_parts(storage, which)
-    _, config = checkpoint.read_config(parts["upsampler"] or parts["decoder"])
+    _, config = checkpoint.read_config(parts["upsampler2"] or parts["upsampler"] or parts["decoder"])
     return int(config["image_size"])
 
 

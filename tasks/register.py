@@ -137,7 +137,7 @@ def log_stack_model(parts: dict[str, Path | None], cfg: RegisterConfig, workdir:
     # holding only the part's files (not the stage's manifest and markers).
     artifacts = {"clip": str(export_clip_dir(parts["clip"], workdir / "clip"))}
     for part, files in (("prior", checkpoint_files), ("decoder", checkpoint_files), ("upsampler", checkpoint_files),
-                        ("pca", (PCA_WEIGHTS, PCA_META))):
+                        ("upsampler2", checkpoint_files), ("pca", (PCA_WEIGHTS, PCA_META))):
         if parts.get(part):
             (workdir / part).mkdir()
             for file in files:

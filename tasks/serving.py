@@ -33,7 +33,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 # artifact names of the logged model: the parts of tasks.stack
-ARTIFACTS = ("clip", "prior", "decoder", "upsampler", "pca")
+ARTIFACTS = ("clip", "prior", "decoder", "upsampler", "upsampler2", "pca")
 
 # optional column -> (python type, smallest allowed value). The signature types them Any and
 # row_settings checks them: as `long`, a request whose records give a column in some rows only

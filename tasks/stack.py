@@ -6,8 +6,8 @@ knows which stage wrote which part (evaluation, registration and the sampling CL
     z_i = stack.clip.encode_image(stack.clip.normalize(uint8_batch))
 
 Parts (`PARTS`, each a directory): the CLIP that embedded the table (`embed/clip`), the prior
-(`train_prior/ema`), the decoder (`train_decoder/ema`), the upsampler (`train_upsampler/ema`,
-optional), the PCA basis (`pca/`, optional). `which="best"` takes each stage's best-by-validation
+(`train_prior/ema`), the decoder (`train_decoder/ema`), the upsamplers (`train_upsampler/ema` and
+`train_upsampler2/ema`, optional, run in that order), the PCA basis (`pca/`, optional). `which="best"` takes each stage's best-by-validation
 EMA instead of its final one. `load_stack_parts` loads from any such dict of directories (e.g. a
 registered model's artifacts, tasks.serving), `load_stack` from a storage directory.
 
@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-STAGE_OF = {"prior": "train_prior", "decoder": "train_decoder", "upsampler": "train_upsampler"}
+STAGE_OF = {"prior": "train_prior", "decoder": "train_decoder", "upsampler": "train_upsampler",
+            "upsampler2": "train_upsampler2"}
 PART_OF = {stage: part for part, stage in STAGE_OF.items()}  # the part a training stage makes
-PARTS = ("clip", "prior", "decoder", "upsampler", "pca")
+PARTS = ("clip", "prior", "decoder", "upsampler", "upsampler2", "pca")
+UPSAMPLERS = ("upsampler", "upsampler2")  # in the order they run
 REQUIRED_PARTS = ("clip", "prior", "decoder")
 # the file that marks a part's directory as complete
 MARKER = {"clip": "clip_spec.json", "prior": "config.json", "decoder": "config.json", "upsampler": "config.json",
-          "pca": "pca.json"}
+          "upsampler2": "config.json", "pca": "pca.json"}
 
 
 class StackError(FileNotFoundError):
@@ -88,7 +90,7 @@ def find_parts(directory: str | os.PathLike, which: Literal["ema", "best"] = "em
         if folder.name in PARTS and folder.name not in found and (folder / MARKER[folder.name]).is_file():
             found[folder.name] = folder
     return _complete(found, f"{directory} holds no unCLIP stack: expected a pyfunc model whose artifacts are "
-                            "named clip, prior, decoder[, upsampler, pca], folders with those names, or a run's "
+                            "named clip, prior, decoder[, upsampler, upsampler2, pca], folders with those names, or a run's "
                             "storage layout (embed/clip, train_prior/, train_decoder/...)")
 
 
@@ -175,7 +177,7 @@ def load_stack(storage: str | os.PathLike, device: str = "cpu", which: Literal["
 
 def load_stack_parts(parts: Mapping[str, str | os.PathLike | None], device: str = "cpu", upsample: bool = True,
                      storage: Path | None = None) -> Stack:
-    """The stack from a dict of part directories (keys of PARTS; upsampler and pca may be None or absent)."""
+    """The stack from a dict of part directories (keys of PARTS; the upsamplers and pca may be None or absent)."""
     from models import checkpoint
     from models.unclip import UnCLIP, clip_text_encoder
     from tasks.schema import load_clip_dir, load_pca
@@ -183,10 +185,13 @@ def load_stack_parts(parts: Mapping[str, str | os.PathLike | None], device: str 
     missing = [p for p in REQUIRED_PARTS if not parts.get(p)]
     if missing:
         raise StackError(f"the stack needs the parts {list(REQUIRED_PARTS)}; missing: {missing}")
+    if parts.get("upsampler2") and not parts.get("upsampler"):
+        raise StackError(f"the stack has a second upsampler ({parts['upsampler2']}) but no first one to feed it; "
+                         "train (or register) train_upsampler too")
     clip = load_clip_dir(parts["clip"], device=device).eval()
     prior = checkpoint.load(parts["prior"], map_location=device).eval()
     decoder = checkpoint.load(parts["decoder"], map_location=device).eval()
-    upsamplers = [checkpoint.load(parts["upsampler"], map_location=device).eval()] if upsample and parts.get("upsampler") else []
+    upsamplers = [checkpoint.load(parts[p], map_location=device).eval() for p in UPSAMPLERS if upsample and parts.get(p)]
     pca = load_pca(parts["pca"]) if parts.get("pca") else None
     unclip = UnCLIP(decoder, prior, upsamplers, text_encoder=clip_text_encoder(clip))
     return Stack(unclip=unclip, clip=clip, pca=pca, storage=storage)

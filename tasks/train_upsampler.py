@@ -1,5 +1,7 @@
-"""train_upsampler stage(s): each upsampler of the config (e.g. 64→256 with blur, 256→1024 with
-BSR degradation) from the ingested images alone.
+"""train_upsampler and train_upsampler2 stages: the first and second upsampler of the stack (the
+paper's 64→256 with blur, 256→1024 with BSR degradation; here whatever sizes the config names),
+from the ingested images alone. Both run this module; the second's defaults follow the paper
+(TrainUpsampler2Config), and its low_res_size must be the first's image_size (pipelines.checks).
 
 Ray Data reads the tar shards and, on CPU tasks, decodes each image at the upsampler's size,
 makes its corrupted low-resolution conditioning (models.degradations) and draws the training
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -22,8 +24,23 @@ from tasks.context import StageContext
 
 
 class TrainUpsamplerConfig(training.TrainConfig):
+    # fields of models.upsampler.UpsamplerConfig set over the named size, under `model`
+    model_defaults: ClassVar[dict[str, Any]] = {}
+
     sample_steps: int = Field(15, ge=1, description="DDIM steps for the sample grid")
     grid_rows: int = Field(8, ge=1, le=64, description="validation images in the sample grid")
+
+    def upsampler_config(self) -> dict[str, Any]:
+        from models import sizes
+
+        return dataclasses.asdict(sizes.config_for("upsampler", self.size, **{**self.model_defaults, **self.model}))
+
+
+class TrainUpsampler2Config(TrainUpsamplerConfig):
+    """The second upsampler: as the paper's 256→1024, a linear noise schedule and BSR-degraded
+    conditioning unless `model` sets `schedule` / `degradation` (the network has no attention)."""
+
+    model_defaults: ClassVar[dict[str, Any]] = {"schedule": "linear", "degradation": "bsr"}
 
 
 def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fraction: float, seed: int) -> dict:
@@ -99,9 +116,7 @@ def upsampler_pairs(ingest_dir: Path, split: str, model_config: dict, val_fracti
 
 
 def run(cfg: TrainUpsamplerConfig, ctx: StageContext) -> dict[str, float]:
-    from models import sizes
-
-    config = dataclasses.asdict(sizes.config_for("upsampler", cfg.size, **cfg.model))
+    config = cfg.upsampler_config()
     ingest_dir = ctx.input("ingest")
     train = upsampler_pairs(ingest_dir, "train", config, cfg.val_fraction, ctx.seed)
     val = upsampler_pairs(ingest_dir, "validation", config, cfg.val_fraction, ctx.seed) if cfg.val_fraction > 0 else None

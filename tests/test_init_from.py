@@ -23,6 +23,8 @@ def register_stack(storage: Path, uri: str, name: str, without: tuple[str, ...] 
     """Log the stack of `storage` (less the parts `without`) as tasks.register does, register it
     as `name` with the alias `champion`; returns the version."""
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name("unclip") is None:  # artifacts next to the store, not in ./mlruns
+        mlflow.create_experiment("unclip", artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri())
     mlflow.set_experiment("unclip")
     parts = stack_parts(storage)
     for part in without:
