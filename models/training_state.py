@@ -76,12 +76,14 @@ class EMA:
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:
         network = unwrap(network)
-        ema_params, params = list(self.module.parameters()), list(network.parameters())
-        if len(ema_params) != len(params):
+        # by name, not by order: FSDP re-registers parameters, which changes their order
+        ema_params, params = dict(self.module.named_parameters()), dict(network.named_parameters())
+        if ema_params.keys() != params.keys():
             raise ValueError(f"EMA of a {type(self.module).__name__} cannot follow a {type(network).__name__}")
-        get_ema_multi_avg_fn(self.current_decay())(ema_params, [p.detach() for p in params], None)
-        for b_ema, b in zip(self.module.buffers(), network.buffers()):
-            b_ema.copy_(b)
+        get_ema_multi_avg_fn(self.current_decay())(list(ema_params.values()), [params[k].detach() for k in ema_params], None)
+        buffers = dict(network.named_buffers())
+        for name, b_ema in self.module.named_buffers():
+            b_ema.copy_(buffers[name])
         self.num_updates += 1
 
 
@@ -167,6 +169,26 @@ def load_training_state(directory: str | Path, *, network: nn.Module, ema: EMA, 
         raise CheckpointError(f"{directory}: the saved state does not fit this network / optimizer / LR schedule: {e}") from e
     _set_rng_state(_decode(state["rng"], tensors), generator, directory)
     return int(state["step"]), state["extra"]
+
+
+def save_state_dict(state: dict, directory: str | Path, name: str) -> None:
+    """Any state dict (e.g. one rank's optimizer shard) as `<name>.safetensors` + `<name>.json`."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, tensors, name)
+    save_file(tensors, str(Path(directory) / f"{name}.safetensors"))
+    (Path(directory) / f"{name}.json").write_text(json.dumps(encoded))
+
+
+def load_state_dict(directory: str | Path, name: str) -> dict:
+    """Inverse of save_state_dict; CheckpointError if the files are missing or unreadable."""
+    path = Path(directory) / f"{name}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        encoded = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return _decode(encoded, _read_tensors(Path(directory) / f"{name}.safetensors"))
 
 
 def _read_weights(directory: Path, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,8 +2,8 @@
 
     driver (stage's run):  fit(spec, cfg, ctx, train_ds, val_ds)
         └─ TorchTrainer(train_loop, ScalingConfig from cfg + cluster, RunConfig(storage=<out_dir>))
-    each worker:  build network (models.sizes) → init_from → prepare_model (DDP) → resume from
-        ray.train.get_checkpoint() → steps: batches from get_dataset_shard("train"), spec.batches
+    each worker:  build network (models.sizes) → init_from → resume from ray.train.get_checkpoint()
+        → DDP or FSDP (cfg.strategy) → steps: batches from get_dataset_shard("train"), spec.batches
         turns them into the kind's objective batch, AdamW + warm-up/cosine, clipping,
         accumulation, EMA, NaN/inf skips → every `checkpoint_every`: validation loss (EMA),
         training state reported via ray.train.report → rank 0 logs to MLflow.
@@ -64,7 +64,11 @@ class TrainConfig(BaseModel):
     ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+t)/(10+t)) at update t")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
-    workers: int = Field(1, ge=1, description="data-parallel training workers (DDP)", json_schema_extra=EXECUTION_ONLY)
+    workers: int = Field(1, ge=1, description="data-parallel training workers", json_schema_extra=EXECUTION_ONLY)
+    # Not execution-only: an FSDP checkpoint keeps the optimizer state by parameter name, a DDP one by index.
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="data parallelism over the workers: ddp (a full replica per worker) or fsdp (parameters, "
+        "gradients and optimizer state sharded; the EMA is kept whole on the first worker)")
     use_gpu: bool = Field(False, description="one GPU per worker", json_schema_extra=EXECUTION_ONLY)
     cpus_per_worker: float | None = Field(
         None, gt=0, description="default: what the cluster can give while leaving room for Ray Data",
@@ -338,7 +342,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from models import objective as objectives
     from models import sizes
-    from models.training_state import EMA, load_training_state, save_training_state, warmup_cosine
+    from models.training_state import (EMA, load_state_dict, load_training_state, save_state_dict, save_training_state,
+                                       warmup_cosine)
 
     cfg = TrainConfig.model_validate(config["train"])
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop has its own bar
@@ -357,20 +362,41 @@ def train_loop(config: dict[str, Any]) -> None:
         load_init_weights(network, config["init_from"])
     network.to(device)
     ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    fsdp = cfg.strategy == "fsdp" and world > 1
     step, counters = 0, {"skipped_steps": 0, "samples": 0, "resumed_from_step": 0}
+    # The optimizer and its schedule are made after wrapping (FSDP's parameters are its shards), so
+    # a resume reads their states first and loads them after.
+    saved_optimizer, saved_schedule = _HeldState(), _HeldState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            step, extra = load_training_state(d, network=network, ema=ema, optimizer=optimizer, lr_scheduler=schedule)
+            step, extra = load_training_state(d, network=network, ema=ema, optimizer=saved_optimizer,
+                                              lr_scheduler=saved_schedule)
+            if extra.get("strategy", "ddp") != cfg.strategy:
+                raise TrainingFailed(f"the checkpoint at step {step} was written with strategy="
+                                     f"{extra.get('strategy', 'ddp')}, this run has strategy={cfg.strategy}; set it "
+                                     "back, or start the stage over")
+            if fsdp:  # this rank's optimizer shard: same workers, same sharding
+                if extra.get("workers") != world:
+                    raise TrainingFailed(f"the FSDP checkpoint at step {step} has optimizer shards of "
+                                         f"{extra.get('workers')} workers, this run has {world}; set workers="
+                                         f"{extra.get('workers')}, or start the stage over")
+                saved_optimizer.state = load_state_dict(d, f"optimizer_rank{rank}")
         counters.update(extra.get("counters", {}))
         counters["resumed_from_step"] = step
         if rank == 0:
             print(f"{config['stage']}: resuming from the checkpoint at step {step}", flush=True)
         torch.manual_seed(config["seed"] + rank + 7919 * step)  # fresh draws after a resume, still seeded
         generator.manual_seed(config["seed"] * 1000 + rank + 7919 * step)
-    model = prepare_model(network)  # DDP when world > 1; the objective calls its forward
+    if fsdp:
+        model = _fsdp(prepare_model(network, parallel_strategy=None), device)
+    else:
+        model = prepare_model(network)  # DDP when world > 1; the objective calls its forward
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    if checkpoint is not None:
+        optimizer.load_state_dict(saved_optimizer.state)
+        schedule.load_state_dict(saved_schedule.state)
     objective = sizes.objective(config["kind"])
     contract = sizes.batch_contract(config["kind"])
     make_batch = config["batches"](device, **config["batch_args"])
@@ -406,13 +432,18 @@ def train_loop(config: dict[str, Any]) -> None:
             if not sync:
                 continue
             micro = 0
-            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip or float("inf"))
+            if fsdp:  # the norm over every shard
+                norm = model.clip_grad_norm_(cfg.grad_clip or float("inf"))
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip or float("inf"))
             # The norm is taken after DDP's all-reduce, so every rank takes the same decision.
             if torch.isfinite(norm):
                 optimizer.step()
                 if hasattr(network, "after_optimizer_step"):  # e.g. CLIP keeps its logit scale <= 100
                     network.after_optimizer_step()
-                ema.update(network)
+                with _full_weights(model, fsdp):  # FSDP: the whole network on rank 0 (others only take part)
+                    if rank == 0 or not fsdp:
+                        ema.update(network)
                 bad_in_a_row = 0
                 window_losses.append(loss.detach())
                 good_metrics = metrics
@@ -450,11 +481,20 @@ def train_loop(config: dict[str, Any]) -> None:
                     report["val_loss"] = validation_loss(ema.module, objective, make_batch, val_shard, cfg, config["seed"], device, autocast)
                 ckpt = None
                 tmp = None
-                if rank == 0:
-                    tmp = tempfile.mkdtemp(prefix="unclip-ckpt-")
-                    save_training_state(tmp, network=network, ema=ema, optimizer=optimizer, lr_scheduler=schedule,
-                                        step=step, extra={"counters": counters})
+                with _full_weights(model, fsdp):  # FSDP: every rank takes part
+                    if rank == 0:
+                        tmp = tempfile.mkdtemp(prefix="unclip-ckpt-")
+                        # FSDP: each rank's optimizer shard goes in a file of its own (below)
+                        save_training_state(tmp, network=network, ema=ema,
+                                            optimizer=_HeldState({}) if fsdp else optimizer, lr_scheduler=schedule,
+                                            step=step, extra={"counters": counters, "strategy": cfg.strategy,
+                                                              "workers": world})
+                        ckpt = Checkpoint.from_directory(tmp)
+                if fsdp:  # Ray Train gathers every rank's files into the one checkpoint directory
+                    tmp = tmp or tempfile.mkdtemp(prefix="unclip-ckpt-")
+                    save_state_dict(optimizer.state_dict(), tmp, f"optimizer_rank{rank}")
                     ckpt = Checkpoint.from_directory(tmp)
+                if rank == 0:
                     if logger:
                         logger.metrics({k: report[k] for k in ("val_loss",) if k in report}, step)
                 ray.train.report(report, checkpoint=ckpt)
@@ -470,6 +510,44 @@ def train_loop(config: dict[str, Any]) -> None:
                                  f"({world} workers): lower batch_size or add data")
     if progress is not None:
         progress.close()
+
+
+class _HeldState:
+    """Stands for an optimizer or LR schedule in models.training_state: holds the state it is given."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def _fsdp(network, device):
+    """torch's FSDP around the (placed) network: Ray's prepare_model(parallel_strategy="fsdp")
+    refuses without CUDA, and torch's FSDP needs `device_id` to run on CPU (gloo). Original
+    parameters stay visible (use_orig_params), so the optimizer and EMA see them by name. Frozen
+    parameters stay whole on every rank: nothing trains them, and models read some outside
+    forward (the prior's CLIP normalisation in `to_latent`), where FSDP's would be shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    scalars = [name for name, p in network.named_parameters() if p.requires_grad and p.dim() == 0]
+    if scalars:
+        raise TrainingFailed(f"strategy=fsdp: {type(network).__name__} trains scalar parameters ({', '.join(scalars)}), "
+                             "which torch's FSDP cannot shard; use strategy=ddp for this stage")
+    frozen = [p for p in network.parameters() if not p.requires_grad]
+    return FullyShardedDataParallel(network, device_id=device, use_orig_params=True, ignored_states=frozen or None)
+
+
+def _full_weights(model, fsdp: bool):
+    """FSDP: the whole parameters gathered on rank 0 for the block (a collective: every rank enters)."""
+    if not fsdp:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
 
 
 def _autocast(precision: str, device):
