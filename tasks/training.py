@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
     workers: int = Field(1, ge=1, description="data-parallel training workers", json_schema_extra=EXECUTION_ONLY)
-    # Not execution-only: an FSDP checkpoint keeps the optimizer state by parameter name, a DDP one by index.
+    # Not execution-only: an FSDP checkpoint keeps one optimizer shard per worker, a DDP one the whole state.
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="data parallelism over the workers: ddp (a full replica per worker) or fsdp (parameters, "
         "gradients and optimizer state sharded; the EMA is kept whole on the first worker)")
