@@ -114,9 +114,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         ensure_ray(cfg)
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
     started = datetime.now(timezone.utc)
-    # A resumed stage continues its own MLflow run (its id is kept in the stage directory).
+    # A stage resumed after a crash continues its own MLflow run (its id is kept in the stage
+    # directory); one that grows with its inputs is a new run (its appended inputs are new params).
     run_id_file = out_dir / MLFLOW_RUN_ID
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    run_id = run_id_file.read_text().strip() if resume and started_with is not None and run_id_file.is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True) as child:
         run_id_file.write_text(child.info.run_id)
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
