@@ -63,6 +63,8 @@ class IngestError(RuntimeError):
 def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.url_list is not None and not cfg.extra_url_lists:
         return download(cfg, cfg.url_list, cfg.input_format, cfg.additional_columns, ctx.out_dir)
+    import pandas as pd
+
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unclip-urls-")))
         if cfg.url_list is not None:
@@ -78,8 +80,6 @@ def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
         # one list, the appended rows last: the shards of the earlier rows keep their rows
         extra = [read_url_list(cfg, url_list, columns, all_columns=cfg.url_list is not None) for url_list in cfg.extra_url_lists]
         url_file = tmp / "urls.parquet"
-        import pandas as pd
-
         pd.concat([rows, *extra], ignore_index=True).to_parquet(url_file, index=False)
         settings = cfg.model_copy(update={"url_col": "url", "caption_col": "caption"})
         return download(settings, str(url_file), "parquet", columns, ctx.out_dir)
@@ -214,8 +214,9 @@ def summarise(out_dir: Path) -> dict[str, float]:
 
 
 def check_inputs(cfg: IngestConfig, storage: Path) -> list[str]:
-    """Problems with the URL list, found before any stage runs: it must exist (or, remote, be
-    listable), be readable as `input_format`, and have the configured columns."""
+    """Problems with the URL lists (the input and the appended ones), found before any stage runs:
+    each must exist (or, remote, be listable), be readable as `input_format`, and have the
+    configured columns."""
     problems = []
     for extra in cfg.extra_url_lists:  # with the synth stage's input, an added list needs only url and caption
         settings = cfg.model_copy(update={"url_list": extra, "additional_columns": cfg.additional_columns if cfg.url_list else []})
