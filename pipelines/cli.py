@@ -38,6 +38,29 @@ def run(
 
 
 @app.command()
+def retrain(
+    config: Annotated[Path, typer.Argument(help="the run's pipeline YAML, e.g. pipelines/configs/demo.yaml")],
+    new_urls: Annotated[list[str], typer.Option(help="a URL list to add to the run's data (repeatable; in ingest.input_format)")],
+    storage: Annotated[Optional[str], typer.Option(help="the run's output root; overrides the config's storage")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE")] = None,
+) -> None:
+    """Add new URL lists to a run's data and retrain every model from the registered champion's
+    weights (only new shards are downloaded and embedded); register, promote by the metric rule.
+    The same lists twice: nothing new, nothing runs."""
+    from pipelines.retrain import retrain as run_retrain
+    from pipelines.runner import StageInputMissing, console
+
+    try:
+        cfg = load_config(config, _with_storage(set_, storage))
+        done = run_retrain(cfg, new_urls, console)
+    except (ConfigError, StageInputMissing) as e:
+        _fail(str(e), 2)
+    if done and done.get("registered"):
+        registered = done["registered"]
+        typer.echo(f"registered {registered['name']} v{registered['version']} ({registered['decision']}): {registered['reason']}")
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     storage: Annotated[Optional[str], typer.Option(help="output root; overrides the config's storage")] = None,

@@ -47,7 +47,7 @@ DAG: dict[str, Stage] = {
         ingest.run,
         inputs=lambda cfg: () if cfg.ingest.url_list else ("synth",),
         incremental=True,
-        external_inputs=lambda cfg: [cfg.ingest.url_list] if cfg.ingest.url_list else [],
+        external_inputs=lambda cfg: [cfg.ingest.url_list] * bool(cfg.ingest.url_list) + cfg.ingest.extra_url_lists,
     ),
     # embed keeps one Parquet file per finished tar shard and embeds only shards without one
     "train_clip": Stage("train_clip", train_clip.run, inputs=lambda cfg: ("ingest",), resumable=True, needs_ray=True),

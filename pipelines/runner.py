@@ -1,5 +1,6 @@
 """Runs the planned stages in one Ray driver, with manifests for skip/resume and MLflow runs.
 
+The run's data is the config's input plus the URL lists `unclip retrain` added (pipelines.retrain).
 Each stage writes under `<storage>/<stage>/` and then, atomically and last, `_manifest.json`.
 A stage whose manifest matches its config and its inputs' manifests is skipped. Otherwise its
 manifest is removed first (so partial output never looks complete) and it is redone: from
@@ -42,6 +43,9 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
+    from pipelines.retrain import with_added_url_lists
+
+    cfg = with_added_url_lists(cfg)  # the run's data includes what `unclip retrain` added
     check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
     storage = Path(cfg.storage).absolute()
@@ -110,9 +114,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         ensure_ray(cfg)
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
     started = datetime.now(timezone.utc)
-    # A resumed stage continues its own MLflow run (its id is kept in the stage directory).
+    # A stage resumed after a crash continues its own MLflow run (its id is kept in the stage
+    # directory); one that grows with its inputs is a new run (its appended inputs are new params).
     run_id_file = out_dir / MLFLOW_RUN_ID
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    run_id = run_id_file.read_text().strip() if resume and started_with is not None and run_id_file.is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True) as child:
         run_id_file.write_text(child.info.run_id)
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
@@ -171,10 +176,12 @@ def start_tracking(cfg: PipelineConfig, storage: Path) -> str:
 
 def output_settings(stage_cfg) -> dict[str, Any]:
     """The stage settings that decide its output: all but those marked EXECUTION_ONLY
-    (processes, threads, actor counts), so re-tuning a finished stage does not redo it."""
+    (processes, threads, actor counts), so re-tuning a finished stage does not redo it, and those
+    marked APPENDED_INPUT (appended URL lists: external inputs, fingerprinted by content)."""
     fields = type(stage_cfg).model_fields
-    execution_only = {name for name, f in fields.items() if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("execution_only")}
-    return stage_cfg.model_dump(mode="json", exclude=execution_only)
+    marks = {name: f.json_schema_extra for name, f in fields.items() if isinstance(f.json_schema_extra, dict)}
+    excluded = {name for name, extra in marks.items() if extra.get("execution_only") or extra.get("appended_input")}
+    return stage_cfg.model_dump(mode="json", exclude=excluded)
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:

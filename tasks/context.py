@@ -14,6 +14,10 @@ from pathlib import Path
 # Mark a config field that changes how fast a stage runs, not what it writes:
 # `Field(2, ge=1, json_schema_extra=EXECUTION_ONLY)`. Changing it does not invalidate the output.
 EXECUTION_ONLY = {"execution_only": True}
+# Mark a field that lists more input data (URL lists appended by `unclip retrain`): it is not one of
+# the stage's settings, so an incremental stage keeps its output when it grows; the runner
+# fingerprints the data it names through the stage's external inputs instead.
+APPENDED_INPUT = {"appended_input": True}
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,13 @@ Output (`<storage>/ingest/`): img2dataset's own layout, `{shard:05d}.tar` with
 file, so re-running with an extended URL list downloads only the new shards.
 
 With no `url_list`, the input is the synth stage's images, served on 127.0.0.1 for the run.
+`extra_url_lists` (what `unclip retrain` adds) are appended after that input, in order, as one
+list: the shards of the earlier rows stay as they are and only the new rows are downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -21,7 +24,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.context import EXECUTION_ONLY, StageContext
+from tasks.context import APPENDED_INPUT, EXECUTION_ONLY, StageContext
 from tasks.http_server import serve_directory
 
 SYNTH_COLUMNS = ["id", "split", "objects"]  # carried from the synth captions into each sample's json
@@ -31,6 +34,9 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url_list: str | None = Field(None, description="parquet/csv/tsv URL list (local or s3://...); none: the synth stage's images")
+    extra_url_lists: list[str] = Field(
+        default_factory=list, description="URL lists appended after the input, in order (unclip retrain adds them); "
+        "in input_format, with url_col, caption_col and additional_columns", json_schema_extra=APPENDED_INPUT)
     input_format: Literal["parquet", "csv", "tsv", "txt", "json"] = "parquet"
     url_col: str = "url"
     caption_col: str = "caption"
@@ -55,16 +61,51 @@ class IngestError(RuntimeError):
 
 
 def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
-    if cfg.url_list is not None:
+    if cfg.url_list is not None and not cfg.extra_url_lists:
         return download(cfg, cfg.url_list, cfg.input_format, cfg.additional_columns, ctx.out_dir)
-    synth_dir = ctx.input("synth")
-    captions = pq.read_table(synth_dir / "captions.parquet").to_pandas()
-    with tempfile.TemporaryDirectory(prefix="unclip-urls-") as tmp, serve_directory(synth_dir) as base_url:
-        captions["url"] = base_url + "/" + captions["path"]
-        url_file = Path(tmp) / "urls.parquet"
-        captions[["url", "caption", *SYNTH_COLUMNS]].to_parquet(url_file, index=False)
+    import pandas as pd
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unclip-urls-")))
+        if cfg.url_list is not None:
+            columns = list(cfg.additional_columns)
+            rows = read_url_list(cfg, cfg.url_list, columns)
+        else:
+            synth_dir = ctx.input("synth")
+            base_url = stack.enter_context(serve_directory(synth_dir))
+            rows = pq.read_table(synth_dir / "captions.parquet").to_pandas()
+            rows["url"] = base_url + "/" + rows["path"]
+            columns = SYNTH_COLUMNS + cfg.additional_columns
+            rows = rows[["url", "caption", *SYNTH_COLUMNS]]
+        # one list, the appended rows last: the shards of the earlier rows keep their rows
+        extra = [read_url_list(cfg, url_list, columns, all_columns=cfg.url_list is not None) for url_list in cfg.extra_url_lists]
+        url_file = tmp / "urls.parquet"
+        pd.concat([rows, *extra], ignore_index=True).to_parquet(url_file, index=False)
         settings = cfg.model_copy(update={"url_col": "url", "caption_col": "caption"})
-        return download(settings, str(url_file), "parquet", SYNTH_COLUMNS + cfg.additional_columns, ctx.out_dir)
+        return download(settings, str(url_file), "parquet", columns, ctx.out_dir)
+
+
+def read_url_list(cfg: IngestConfig, url_list: str, columns: list[str], all_columns: bool = True):
+    """The list's rows as a DataFrame with columns url, caption and `columns` (only those it has,
+    unless all_columns: the synth captions' id/split/objects may be missing from an added list)."""
+    import pandas as pd
+
+    fs, files = _url_list_files(url_list, cfg.input_format)
+    if not files:
+        raise IngestError(f"ingest: URL list {url_list} {'does not exist' if files is None else 'has no *.' + cfg.input_format + ' files'}")
+    frames = []
+    for file in files:
+        with fs.open(file, "rb") as f:
+            if cfg.input_format == "parquet":
+                frame = pd.read_parquet(f)
+            elif cfg.input_format in ("csv", "tsv"):
+                frame = pd.read_csv(f, sep="," if cfg.input_format == "csv" else "\t")
+            else:
+                raise IngestError(f"ingest: URL list {url_list}: appending lists needs input_format parquet, csv or "
+                                  f"tsv, not {cfg.input_format}")
+        kept = [c for c in columns if all_columns or c in frame.columns]
+        frames.append(frame.rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})[["url", "caption", *kept]])
+    return pd.concat(frames, ignore_index=True)
 
 
 def download(cfg: IngestConfig, url_list: str, input_format: str, additional_columns: list[str], out_dir: Path) -> dict[str, float]:
@@ -173,12 +214,20 @@ def summarise(out_dir: Path) -> dict[str, float]:
 
 
 def check_inputs(cfg: IngestConfig, storage: Path) -> list[str]:
-    """Problems with the URL list, found before any stage runs: it must exist (or, remote, be
-    listable), be readable as `input_format`, and have the configured columns."""
+    """Problems with the URL lists (the input and the appended ones), found before any stage runs:
+    each must exist (or, remote, be listable), be readable as `input_format`, and have the
+    configured columns."""
+    problems = []
+    for extra in cfg.extra_url_lists:  # with the synth stage's input, an added list needs only url and caption
+        settings = cfg.model_copy(update={"url_list": extra, "additional_columns": cfg.additional_columns if cfg.url_list else []})
+        problems += check_url_list(settings, f"ingest.extra_url_lists {extra}")
     if cfg.url_list is None:
-        return []
+        return problems
+    return problems + check_url_list(cfg, f"ingest.url_list {cfg.url_list}")
+
+
+def check_url_list(cfg: IngestConfig, key: str) -> list[str]:
     url_list, fmt = cfg.url_list, cfg.input_format
-    key = f"ingest.url_list {url_list}"
     try:
         fs, files = _url_list_files(url_list, fmt)
     except Exception as e:  # no s3fs, no credentials, no network: the reason, in one line

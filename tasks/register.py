@@ -12,7 +12,8 @@ only when there is no champion yet or it beats the champion by the config's rule
 on `register.metric` from the evaluate stage's `metrics.json`. Each version keeps the metrics it
 was registered with as tags (`unclip.metric.<name>`), so later runs compare against them. The
 decision and its reason are tags of the version and of the stage's run (`unclip.decision`:
-champion | challenger, `unclip.reason`). Aliases only: stages are deprecated in MLflow 3.
+champion | challenger, `unclip.reason`); `unclip.step.<part>` is the step each trained part reached
+(so a warm start from this version counts on from it). Aliases only: stages are deprecated in MLflow 3.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tasks.context import EXECUTION_ONLY, StageContext
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRICS_FILE = "metrics.json"
 METRIC_TAG = "unclip.metric."
+STEP_TAG = "unclip.step."  # + part: the step its weights were trained to (unclip retrain counts on from it)
 DECISION_TAG, REASON_TAG = "unclip.decision", "unclip.reason"
 # what the model needs at load time besides the Python standard library (no inference: it would
 # run pip and list the whole training environment)
@@ -109,6 +111,19 @@ def read_metrics(ctx: StageContext, cfg: RegisterConfig) -> dict[str, float]:
         raise ValueError(f"register.metric={cfg.metric!r} is not in {path}; set register.metric to one of "
                          f"{sorted(metrics)}")
     return metrics
+
+
+def trained_steps(ctx: StageContext) -> dict[str, int]:
+    """{part: the step its training stage reached} from each input training stage's training.json."""
+    from tasks.stack import STAGE_OF
+    from tasks.training import TRAINING_FILE
+
+    steps = {}
+    for part, stage in STAGE_OF.items():
+        path = ctx.inputs[stage] / TRAINING_FILE if stage in ctx.inputs else None
+        if path is not None and path.is_file():
+            steps[part] = int(json.loads(path.read_text())["step"])
+    return steps
 
 
 def requirements() -> list[str]:
@@ -215,7 +230,8 @@ def run(cfg: RegisterConfig, ctx: StageContext) -> dict[str, float]:
             "unclip.rule": f"{cfg.direction} by more than {cfg.min_delta:g}",
             "unclip.previous_champion": str(champion.version) if champion else "none",
             "unclip.storage": str(ctx.storage), "unclip.which": cfg.which,
-            **{METRIC_TAG + k: repr(v) for k, v in metrics.items()}}
+            **{METRIC_TAG + k: repr(v) for k, v in metrics.items()},
+            **{STEP_TAG + part: str(step) for part, step in trained_steps(ctx).items()}}
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, new_version, key, value)
     client.update_model_version(cfg.model_name, new_version, description=(

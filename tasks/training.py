@@ -10,13 +10,15 @@
 
 After `fit`, `<out_dir>/ema` (exported weights), `<out_dir>/network` (raw) and `<out_dir>/best`
 (the EMA of the kept checkpoint with the lowest validation loss) load with
-`models.checkpoint.load`, without Ray. A re-run of the stage with the same `RunConfig` resumes from
+`models.checkpoint.load`, without Ray; `<out_dir>/training.json` says how far they were trained
+(`step`, counted from `start_step` when warm-started; tasks.register records it per part). A re-run of the stage with the same `RunConfig` resumes from
 the latest persisted checkpoint and continues the same MLflow run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -34,6 +36,7 @@ from tasks.context import EXECUTION_ONLY, StageContext
 from tasks.progress import progress as progress_bar
 
 RAY_RUN_NAME = "ray_train"
+TRAINING_FILE = "training.json"  # {"step", "start_step", "init_from"} of the exported weights
 
 
 class TrainingFailed(RuntimeError):
@@ -52,6 +55,8 @@ class TrainConfig(BaseModel):
                                   "(its `<stage>/ema/`), a diffusers directory, or a registry URI "
                                   "(models:/name@alias, models:/name/version) of a stack with this stage's part")
     steps: int = Field(1000, ge=1, description="optimizer steps")
+    start_step: int = Field(0, ge=0, description="the step count init_from's weights were trained to: a warm start "
+                            "counts on from it, to start_step + steps (unclip retrain sets it from the champion)")
     batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(3e-4, gt=0)
@@ -154,7 +159,8 @@ def torch_threads(cfg: TrainConfig, resources: dict[str, float], cluster: dict[s
 
 def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict[str, Any],
         train_ds, val_ds) -> dict[str, float]:
-    """Train to `cfg.steps` (resuming if a checkpoint of this stage exists), export, return counts."""
+    """Train `cfg.steps` steps from `cfg.start_step` (resuming if a checkpoint of this stage exists), export,
+    return counts."""
     import mlflow
     import ray
     import ray.data
@@ -219,8 +225,11 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         raise TrainingFailed(f"{ctx.name}: training ended without a checkpoint")
     export(result, ctx.out_dir)
     metrics = result.metrics or {}
+    final_step = int(metrics.get("step", cfg.start_step + cfg.steps))
+    (ctx.out_dir / TRAINING_FILE).write_text(json.dumps(
+        {"step": final_step, "start_step": cfg.start_step, "init_from": loop_config["init_from"]}, indent=2))
     return {
-        "steps": float(metrics.get("step", cfg.steps)),
+        "steps": float(final_step),
         "loss": float(metrics.get("loss", float("nan"))),
         "val_loss": float(metrics.get("val_loss", float("nan"))),
         "skipped_steps": float(metrics.get("skipped_steps", 0)),
@@ -363,7 +372,9 @@ def train_loop(config: dict[str, Any]) -> None:
     network.to(device)
     ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
     fsdp = cfg.strategy == "fsdp" and world > 1
-    step, counters = 0, {"skipped_steps": 0, "samples": 0, "resumed_from_step": 0}
+    # A warm start counts on from the steps its weights were trained for (the schedule starts afresh).
+    step, end = cfg.start_step, cfg.start_step + cfg.steps
+    counters = {"skipped_steps": 0, "samples": 0, "resumed_from_step": 0}
     # The optimizer and its schedule are made after wrapping (FSDP's parameters are its shards), so
     # a resume reads their states first and loads them after.
     saved_optimizer, saved_schedule = _HeldState(), _HeldState()
@@ -409,8 +420,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
     # counted, and does not become the stage's reported loss.
     window_start, window_samples, window_losses, good_metrics = time.perf_counter(), 0, [], {}
-    progress = _progress(cfg.steps, step, config) if rank == 0 else None
-    while step < cfg.steps:
+    progress = _progress(end, step, config) if rank == 0 else None
+    while step < end:
         micro = 0
         batches_this_epoch = 0
         epoch += 1
@@ -460,7 +471,7 @@ def train_loop(config: dict[str, Any]) -> None:
             counters["samples"] += cfg.batch_size * cfg.grad_accum * world
             if progress is not None:
                 progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
                 last = {
                     "step": step,
@@ -474,7 +485,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 window_start, window_samples, window_losses = time.perf_counter(), 0, []
                 if logger:
                     logger.metrics(last, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == end:
                 report = {**last, "step": step, "skipped_steps": counters["skipped_steps"],
                           "resumed_from_step": counters["resumed_from_step"]}
                 if val_shard is not None and rank == 0:  # rank 0's metrics score the checkpoint
@@ -501,9 +512,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
             draw_every = cfg.sample_every or cfg.checkpoint_every
-            if logger and config["samples"] and val_shard is not None and (step % draw_every == 0 or step == cfg.steps):
+            if logger and config["samples"] and val_shard is not None and (step % draw_every == 0 or step == end):
                 logger.samples(config["samples"], ema.module, make_batch, val_shard, cfg, step)
-            if step >= cfg.steps:
+            if step >= end:
                 break
         if batches_this_epoch == 0:
             raise TrainingFailed(f"the training split has fewer rows than batch_size={cfg.batch_size} per worker "

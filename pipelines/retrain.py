@@ -1,0 +1,206 @@
+"""`unclip retrain`: new data for a finished run, every model warm-started from the champion.
+
+    unclip retrain pipelines/configs/demo.yaml --storage /tmp/u1 --new-urls more.parquet
+
+1. Each new URL list is copied into the run (`<storage>/_pipeline/urls/<digest>.<format>`) and
+   recorded in `<storage>/_pipeline/retrain.json`. Every later `unclip run` or `retrain` on this
+   storage appends the recorded lists to the config's input (`ingest.extra_url_lists`), so ingest
+   downloads, and embed encodes, only the new shards.
+2. The registered champion (`models:/<register.model_name>@champion`) is downloaded to
+   `<storage>/_pipeline/champion/v<N>/`. Each training stage starts from its part (`init_from`)
+   and counts on from the step that part reached (`start_step`, from the version's
+   `unclip.step.<part>` tag) for its configured `steps`, on old + new data.
+3. Then the pipeline runs as usual: pca, the training stages, evaluate and register rerun because
+   their inputs changed, and register moves `champion` only by its metric rule.
+
+The CLIP stays the one this run embedded with (train_clip does not run): the new rows must be
+embedded in the space of the old ones, which is also the space the champion's prior and decoder
+learnt.
+
+Idempotent: a retrain is keyed by the content digests of its new lists. A list already in the
+run's data is not new, and when nothing is new nothing runs. A retrain that did not finish (a
+crash) is finished by the same command: same champion, and the stages resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, PipelineConfig
+
+STATE = "retrain.json"  # under <storage>/_pipeline/
+URLS_DIR = "urls"
+CHAMPION_DIR = "champion"
+FROZEN_STAGES = ("train_clip",)  # the embedding space stays the champion's
+
+
+def state_file(storage: Path) -> Path:
+    return Path(storage).absolute() / "_pipeline" / STATE
+
+
+def read_state(storage: Path) -> dict[str, Any]:
+    path = state_file(storage)
+    if not path.is_file():
+        return {"url_lists": [], "retrains": []}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it, or remove it to forget the added URL lists") from None
+
+
+def write_state(storage: Path, state: dict[str, Any]) -> None:
+    path = state_file(storage)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def with_added_url_lists(cfg: PipelineConfig) -> PipelineConfig:
+    """cfg whose ingest input also has the URL lists added to this storage by `unclip retrain`."""
+    added = [entry["file"] for entry in read_state(Path(cfg.storage))["url_lists"]]
+    extra = cfg.ingest.extra_url_lists + [f for f in added if f not in cfg.ingest.extra_url_lists]
+    if extra == cfg.ingest.extra_url_lists:
+        return cfg
+    return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"extra_url_lists": extra})})
+
+
+def file_digest(url_list: str) -> str:
+    """sha256 of a URL list file's bytes (local or any fsspec URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url_list)
+    try:
+        if fs.isdir(path):
+            raise ConfigError(f"--new-urls {url_list} is a folder; give one URL list file (parquet, csv or tsv)")
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(2**20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ConfigError(f"--new-urls {url_list} does not exist; give an existing URL list file") from None
+    return digest.hexdigest()[:20]
+
+
+def copy_into_run(url_list: str, digest: str, storage: Path, input_format: str) -> Path:
+    import fsspec
+
+    target = storage / "_pipeline" / URLS_DIR / f"{digest}.{input_format}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file():
+        tmp = target.with_name(f".{target.name}.tmp")
+        with fsspec.open(url_list, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    return target
+
+
+def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any] | None:
+    """Add `new_urls` to the run's data and retrain from the champion; None when nothing is new."""
+    from tasks.ingest import check_url_list
+
+    storage = Path(cfg.storage).absolute()
+    if not (storage / "_pipeline" / "config.yaml").is_file():
+        raise ConfigError(f"{storage} holds no pipeline run (no _pipeline/config.yaml); run it first: "
+                          f"unclip run <config> --storage {storage}")
+    state = read_state(storage)
+    digests = {}
+    for url_list in new_urls:
+        settings = cfg.ingest.model_copy(update={"url_list": url_list, "additional_columns": cfg.ingest.additional_columns if cfg.ingest.url_list else []})
+        if problems := check_url_list(settings, f"--new-urls {url_list}"):
+            raise ConfigError(problems[0])
+        digests.setdefault(file_digest(url_list), url_list)
+    known = {entry["digest"] for entry in state["url_lists"]}
+    pending = next((r for r in state["retrains"] if not r.get("finished_at")), None)
+    if pending and set(pending["url_lists"]) != set(digests):
+        raise ConfigError(f"the retrain with {pending['sources']} (started {pending['started_at']}) did not finish; "
+                          "finish it first: run the same `unclip retrain` command again")
+    if pending:
+        console.print(f"[yellow]note[/]: finishing the retrain started {pending['started_at']}")
+        retraining = pending
+    else:
+        new = {d: u for d, u in digests.items() if d not in known}
+        if not new:
+            console.print(f"nothing new: {', '.join(new_urls)} already in the data of {storage}; not retraining")
+            return None
+        now = datetime.now(timezone.utc).isoformat()
+        for digest, url_list in new.items():
+            file = copy_into_run(url_list, digest, storage, cfg.ingest.input_format)
+            state["url_lists"].append({"file": str(file), "source": url_list, "digest": digest, "added_at": now})
+        retraining = {"url_lists": sorted(new), "sources": list(new.values()), "started_at": now,
+                      "champion": champion_version(cfg, storage)}
+        state["retrains"].append(retraining)
+        write_state(storage, state)
+
+    cfg = warm_started(with_added_url_lists(cfg), storage, retraining["champion"], console)
+    from pipelines.runner import run_pipeline
+
+    run_pipeline(cfg, only=[s for s in cfg.stages if s not in FROZEN_STAGES])
+    registered = json.loads((storage / "register" / "registered.json").read_text()) if "register" in cfg.stages else None
+    retraining.update(finished_at=datetime.now(timezone.utc).isoformat(), registered=registered)
+    write_state(storage, state)
+    return retraining
+
+
+def champion_version(cfg: PipelineConfig, storage: Path) -> str:
+    import mlflow
+
+    from pipelines.runner import start_tracking
+    from tasks.register import CHAMPION, current_champion
+
+    tracking_uri = start_tracking(cfg, storage)
+    champion = current_champion(mlflow.MlflowClient(), cfg.register.model_name)
+    if champion is None:
+        raise ConfigError(f"no registered model {cfg.register.model_name!r} with alias {CHAMPION!r} in {tracking_uri}; "
+                          "retrain warm-starts from it: run the pipeline with its register stage first")
+    return str(champion.version)
+
+
+def warm_started(cfg: PipelineConfig, storage: Path, version: str, console) -> PipelineConfig:
+    """cfg whose training stages start from champion `version`'s parts, counting on from their steps."""
+    import mlflow
+
+    from pipelines.runner import start_tracking
+    from tasks.register import STEP_TAG
+    from tasks.stack import STAGE_OF
+
+    tracking_uri = start_tracking(cfg, storage)
+    name = cfg.register.model_name
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    parts = download_champion(f"models:/{name}/{version}", storage / "_pipeline" / CHAMPION_DIR / f"v{version}", tracking_uri)
+    updates, started = {}, []
+    for part, stage in STAGE_OF.items():
+        if stage not in cfg.stages:
+            continue
+        if parts.get(part) is None:
+            console.print(f"[yellow]note[/]: champion v{version} has no {part}; {stage} starts from its config")
+            continue
+        start_step = int(tags.get(STEP_TAG + part, 0))
+        updates[stage] = getattr(cfg, stage).model_copy(update={"init_from": str(parts[part]), "start_step": start_step})
+        started.append(f"{stage} from step {start_step}")
+    console.print(f"[bold]retrain[/] from champion {name} v{version}: {', '.join(started)}")
+    return cfg.model_copy(update=updates)
+
+
+def download_champion(model_uri: str, target: Path, tracking_uri: str) -> dict[str, Path | None]:
+    """The champion's part directories, downloaded once into `target` (kept: a resumed stage reads them again)."""
+    from tasks.stack import StackError, find_parts, resolve_model
+
+    try:
+        return find_parts(target)
+    except StackError:
+        shutil.rmtree(target, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        resolve_model(model_uri, tmp, tracking_uri=tracking_uri)
+    except StackError as e:
+        raise ConfigError(f"{model_uri}: {e}") from None
+    os.replace(tmp, target)
+    return find_parts(target)
