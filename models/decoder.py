@@ -394,10 +394,16 @@ class Decoder(nn.Module):
         ones = torch.ones(B, dtype=torch.bool, device=image_emb.device)
 
         def fn(x, t, conditional=True):
+            if isinstance(conditional, torch.Tensor):  # x stacks copies of the B conditions' rows
+                k = x.shape[0] // B
+                copies = [None if v is None else v.repeat(k, *[1] * (v.dim() - 1))
+                          for v in (image_emb, text_emb, text_states, text_mask)]
+                return self(x, t, *copies, drop_image=~conditional, drop_text=~conditional)
             if conditional:
                 return self(x, t, image_emb, text_emb, text_states, text_mask)
             return self(x, t, image_emb, text_emb, text_states, text_mask, drop_image=ones, drop_text=ones)
 
+        fn.takes_row_mask = True
         return fn
 
     @torch.no_grad()

@@ -281,9 +281,14 @@ class DiffusionPrior(nn.Module):
         b = text_emb.shape[0]
         null = self.drop_condition(text_emb, text_states, text_mask, torch.ones(b, dtype=torch.bool, device=text_emb.device))
 
-        def fn(x, t, conditional: bool = True):
+        def fn(x, t, conditional: bool | torch.Tensor = True):
+            if isinstance(conditional, torch.Tensor):  # x stacks copies of the b conditions' rows
+                k = x.shape[0] // b
+                return self(x, t, text_emb.repeat(k, 1), text_states.repeat(k, 1, 1), text_mask.repeat(k, 1),
+                            drop_text=~conditional)
             return self(x, t, text_emb, text_states, text_mask) if conditional else self(x, t, *null)
 
+        fn.takes_row_mask = True
         return fn
 
     def guided_x0(self, x_t, t, text_emb, text_states, text_mask, guidance_scale: float) -> torch.Tensor:

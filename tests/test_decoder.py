@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from models import checkpoint
+from models import checkpoint, diffusion
 from models.decoder import SIZES, Decoder, DecoderConfig, TextProj, training_loss
 from tests.model_helpers import perturb
 
@@ -129,6 +129,9 @@ def test_dropped_rows_use_the_learned_nulls():
     fn = m.model_fn(zi, zt, states)
     torch.testing.assert_close(fn(x, t, False), both)
     torch.testing.assert_close(fn(x, t, True), full)
+    # guidance runs both branches as one batch of 2B rows; the same as the two passes above
+    for scale in (0.0, 3.0):
+        torch.testing.assert_close(diffusion.guided(fn, scale)(x, t), both + scale * (full - both), rtol=1e-5, atol=1e-5)
 
 
 def test_guidance_one_equals_conditional_sample():

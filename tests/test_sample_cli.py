@@ -290,7 +290,7 @@ def test_find_parts_in_downloaded_layouts(storage, tmp_path):
     artifacts = "".join(f"      {part}:\n        path: artifacts/{folder}\n        uri: {expected[part]}\n" for part, folder in names.items())
     (model / "MLmodel").write_text(f"flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n    artifacts:\n{artifacts}")
     parts = find_parts(tmp_path / "pyfunc")
-    assert parts == {part: model / "artifacts" / folder for part, folder in names.items()}
+    assert parts == {**{part: None for part in expected}, **{part: model / "artifacts" / folder for part, folder in names.items()}}
     stack = load_stack_parts(parts)
     assert stack.image_size == SIZE and stack.pca is not None
 

@@ -119,9 +119,9 @@ def test_pca_reconstruct():
 
 
 def test_composed_sampler_runs_every_stage_with_its_settings(model):
-    calls = {"decoder": 0, "upsampler": 0}
-    h1 = model.decoder.unet.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
-    h2 = model.upsamplers[0].unet.register_forward_hook(lambda *a: calls.__setitem__("upsampler", calls["upsampler"] + 1))
+    calls = {"decoder": [], "upsampler": []}  # rows of each forward
+    h1 = model.decoder.unet.register_forward_hook(lambda m, args, out: calls["decoder"].append(len(args[0])))
+    h2 = model.upsamplers[0].unet.register_forward_hook(lambda m, args, out: calls["upsampler"].append(len(args[0])))
     try:
         run = lambda seed: model.sample(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(seed),
                                         prior=dict(steps=3, guidance_scale=2.0), decoder=Stage(steps=2, guidance_scale=3.0),
@@ -131,7 +131,7 @@ def test_composed_sampler_runs_every_stage_with_its_settings(model):
         h1.remove()
         h2.remove()
     assert image.shape == (2, 3, 32, 32) and image.min() >= -1 and image.max() <= 1
-    assert calls == {"decoder": 2 * 2, "upsampler": 3}  # guided decoder: cond + uncond per step
+    assert calls == {"decoder": [2 * 2] * 2, "upsampler": [2] * 3}  # guided decoder: cond + uncond rows, one forward a step
     last = model.prior.calls[-1]
     assert last["steps"] == 3 and last["guidance_scale"] == 2.0
     torch.testing.assert_close(last["text_emb"], fake_text_encoder(["a red circle", "a blue square"]).emb)
@@ -301,4 +301,5 @@ def test_karlo_conventions_unnormalised_embeddings_and_empty_caption_null(model)
     finally:
         del decoder.forward
     assert abs(z_i.norm().item() - 1) > 0.1  # not projected onto the unit sphere
-    assert torch.equal(seen[0][0], z_i) and torch.equal(seen[0][1], raw_text_encoder(["a red circle"]).emb)
+    # guidance stacks the conditional row and its unconditional copy in one forward: row 0 is the condition
+    assert torch.equal(seen[0][0][:1], z_i) and torch.equal(seen[0][1][:1], raw_text_encoder(["a red circle"]).emb)
