@@ -11,8 +11,9 @@
 After `fit`, `<out_dir>/ema` (exported weights), `<out_dir>/network` (raw) and `<out_dir>/best`
 (the EMA of the kept checkpoint with the lowest validation loss) load with
 `models.checkpoint.load`, without Ray; `<out_dir>/training.json` says how far they were trained
-(`step`, counted from `start_step` when warm-started; tasks.register records it per part). A re-run of the stage with the same `RunConfig` resumes from
-the latest persisted checkpoint and continues the same MLflow run.
+(`step`, counted from `start_step` when warm-started; tasks.register records it per part). A
+re-run of the stage with the same `RunConfig` resumes from the latest persisted checkpoint and
+continues the same MLflow run.
 """
 
 from __future__ import annotations
