@@ -24,7 +24,6 @@ import dataclasses
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks import ar_prior_cache  # noqa: E402
+from benchmarks.ar_prior_cache import timed  # noqa: E402
 from models import decoder as dec  # noqa: E402
 from models import prior as prior_mod  # noqa: E402
 from models import upsampler as ups  # noqa: E402
@@ -48,16 +48,6 @@ def stack_configs(size: str):
     d = dataclasses.replace(d, text_dim=width, learned_variance=True)  # the pipeline's guidance splits off a variance
     u = dataclasses.replace(u, low_res_size=d.image_size, image_size=d.image_size * u.image_size // u.low_res_size)  # the size's ratio
     return p, d, u
-
-
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def n_params(module: torch.nn.Module) -> int:
