@@ -68,6 +68,7 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     from models.upsampler import downsample_to
     from tasks.grids import captioned_grid
     from tasks.metrics import scene_accuracy
+    from tasks.report import to_png
 
     unclip = stack.unclip
     device = next(unclip.decoder.parameters()).device
@@ -102,12 +103,12 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     strips = []
     rows = [(f"{captions[i]}: real | {n} variations (eta 1)", [images[i], *varied[k * n:(k + 1) * n]])
             for k, i in enumerate(pick[:2])]
-    strips.append(_save(captioned_grid(rows, stack.image_size), out_dir / "variations.png"))
+    strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "variations.png"))
 
     thetas = np.linspace(0, 1, settings.frames).tolist()
     frames = unclip.interpolate(z[0], z[1], thetas, x_T_a=x_T[:1], x_T_b=x_T[1:2], upsamplers=ups, **common)
     rows = [(f"{captions[pick[0]]} -> {captions[pick[1]]}", [images[pick[0]], *_uint8(frames), images[pick[1]]])]
-    strips.append(_save(captioned_grid(rows, stack.image_size), out_dir / "interpolation.png"))
+    strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "interpolation.png"))
 
     source = captions[pick[0]]
     goal = _other_colour(source) or captions[pick[1]]
@@ -115,18 +116,12 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     frames = unclip.text_diff(z[:1], x_T[:1], unclip.encode_text([goal]), unclip.encode_text([source]), thetas,
                               upsamplers=ups, **common)
     rows = [(f"text diff '{source}' -> '{goal}', theta 0 to 0.5", [images[pick[0]], *_uint8(frames)])]
-    strips.append(_save(captioned_grid(rows, stack.image_size), out_dir / "text_diff.png"))
+    strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "text_diff.png"))
 
     if stack.pca is not None:
         available = stack.pca.components.shape[0]
         ks = [2**i for i in range(available.bit_length()) if 2**i < available] + [available]
         frames = unclip.pca_probe(z[:1], stack.pca, ks, upsamplers=ups, **common)
         rows = [(f"first {', '.join(map(str, ks))} PCA dims of z_i", [images[pick[0]], *_uint8(frames)])]
-        strips.append(_save(captioned_grid(rows, stack.image_size), out_dir / "pca_probe.png"))
+        strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "pca_probe.png"))
     return metrics, strips
-
-
-def _save(image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
