@@ -393,12 +393,15 @@ class Decoder(nn.Module):
         B = image_emb.shape[0]
         ones = torch.ones(B, dtype=torch.bool, device=image_emb.device)
 
+        stacked: dict[int, list] = {}  # the conditions repeated k times, made once per sampling chain
+
         def fn(x, t, conditional=True):
             if isinstance(conditional, torch.Tensor):  # x stacks copies of the B conditions' rows
                 k = x.shape[0] // B
-                copies = [None if v is None else v.repeat(k, *[1] * (v.dim() - 1))
-                          for v in (image_emb, text_emb, text_states, text_mask)]
-                return self(x, t, *copies, drop_image=~conditional, drop_text=~conditional)
+                if k not in stacked:
+                    stacked[k] = [None if v is None else v.repeat(k, *[1] * (v.dim() - 1))
+                                  for v in (image_emb, text_emb, text_states, text_mask)]
+                return self(x, t, *stacked[k], drop_image=~conditional, drop_text=~conditional)
             if conditional:
                 return self(x, t, image_emb, text_emb, text_states, text_mask)
             return self(x, t, image_emb, text_emb, text_states, text_mask, drop_image=ones, drop_text=ones)

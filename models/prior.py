@@ -281,11 +281,14 @@ class DiffusionPrior(nn.Module):
         b = text_emb.shape[0]
         null = self.drop_condition(text_emb, text_states, text_mask, torch.ones(b, dtype=torch.bool, device=text_emb.device))
 
+        stacked: dict[int, tuple] = {}  # the condition repeated k times, made once per sampling chain
+
         def fn(x, t, conditional: bool | torch.Tensor = True):
             if isinstance(conditional, torch.Tensor):  # x stacks copies of the b conditions' rows
                 k = x.shape[0] // b
-                return self(x, t, text_emb.repeat(k, 1), text_states.repeat(k, 1, 1), text_mask.repeat(k, 1),
-                            drop_text=~conditional)
+                if k not in stacked:
+                    stacked[k] = (text_emb.repeat(k, 1), text_states.repeat(k, 1, 1), text_mask.repeat(k, 1))
+                return self(x, t, *stacked[k], drop_text=~conditional)
             return self(x, t, text_emb, text_states, text_mask) if conditional else self(x, t, *null)
 
         fn.takes_row_mask = True
