@@ -1,6 +1,10 @@
 """`unclip retrain`: new data for a finished run, every model warm-started from the champion.
 
     unclip retrain pipelines/configs/demo.yaml --storage /tmp/u1 --new-urls more.parquet
+    unclip retrain pipelines/configs/laion.yaml --new-urls s3://bucket/incoming/   # a schedule's inbox
+
+`--new-urls` names URL list files, or folders whose every *.<ingest.input_format> file is a list (an
+inbox that a scheduled retrain re-reads: the lists already in the run are not new).
 
 1. Each new URL list is copied into the run (`<storage>/_pipeline/urls/<digest>.<format>`) and
    recorded in `<storage>/_pipeline/retrain.json`. Every later `unclip run` or `retrain` on this
@@ -70,20 +74,30 @@ def with_added_url_lists(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"extra_url_lists": extra})})
 
 
+def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
+    """The list files `--new-urls` names: each file, and each folder's *.<input_format> files."""
+    from tasks.ingest import url_list_files as files_at
+
+    found = []
+    for url_list in new_urls:
+        try:
+            fs, files = files_at(url_list, input_format)
+        except Exception as e:  # no credentials, no network: the reason, in one line
+            raise ConfigError(f"--new-urls {url_list}: cannot be listed ({type(e).__name__}: {e}); check the path and your access to it") from None
+        if files is None:
+            raise ConfigError(f"--new-urls {url_list} does not exist; give an existing URL list file or folder")
+        found += [f if fs.unstrip_protocol(f) == f"file://{f}" else fs.unstrip_protocol(f) for f in files]
+    return found
+
+
 def file_digest(url_list: str) -> str:
     """sha256 of a URL list file's bytes (local or any fsspec URL)."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url_list)
-    try:
-        if fs.isdir(path):
-            raise ConfigError(f"--new-urls {url_list} is a folder; give one URL list file (parquet, csv or tsv)")
-        digest = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            while chunk := f.read(2**20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise ConfigError(f"--new-urls {url_list} does not exist; give an existing URL list file") from None
+    digest = hashlib.sha256()
+    with fsspec.open(url_list, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
     return digest.hexdigest()[:20]
 
 
@@ -110,23 +124,23 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
                           f"unclip run <config> --storage {storage}")
     state = read_state(storage)
     digests = {}
-    for url_list in new_urls:
+    for url_list in url_list_files(new_urls, cfg.ingest.input_format):
         settings = cfg.ingest.model_copy(update={"url_list": url_list, "additional_columns": cfg.ingest.additional_columns if cfg.ingest.url_list else []})
         if problems := check_url_list(settings, f"--new-urls {url_list}"):
             raise ConfigError(problems[0])
         digests.setdefault(file_digest(url_list), url_list)
     known = {entry["digest"] for entry in state["url_lists"]}
     pending = next((r for r in state["retrains"] if not r.get("finished_at")), None)
-    if pending and set(pending["url_lists"]) != set(digests):
+    if pending and not set(pending["url_lists"]) <= set(digests):
         raise ConfigError(f"the retrain with {pending['sources']} (started {pending['started_at']}) did not finish; "
                           "finish it first: run the same `unclip retrain` command again")
     if pending:
-        console.print(f"[yellow]note[/]: finishing the retrain started {pending['started_at']}")
+        console.print(f"[yellow]note[/]: finishing the retrain started {pending['started_at']}; lists added since wait for the next retrain")
         retraining = pending
     else:
         new = {d: u for d, u in digests.items() if d not in known}
         if not new:
-            console.print(f"nothing new: {', '.join(new_urls)} already in the data of {storage}; not retraining")
+            console.print(f"nothing new: every URL list in {', '.join(new_urls)} is already in the data of {storage}; not retraining")
             return None
         now = datetime.now(timezone.utc).isoformat()
         for digest, url_list in new.items():

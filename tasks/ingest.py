@@ -90,7 +90,7 @@ def read_url_list(cfg: IngestConfig, url_list: str, columns: list[str], all_colu
     unless all_columns: the synth captions' id/split/objects may be missing from an added list)."""
     import pandas as pd
 
-    fs, files = _url_list_files(url_list, cfg.input_format)
+    fs, files = url_list_files(url_list, cfg.input_format)
     if not files:
         raise IngestError(f"ingest: URL list {url_list} {'does not exist' if files is None else 'has no *.' + cfg.input_format + ' files'}")
     frames = []
@@ -229,7 +229,7 @@ def check_inputs(cfg: IngestConfig, storage: Path) -> list[str]:
 def check_url_list(cfg: IngestConfig, key: str) -> list[str]:
     url_list, fmt = cfg.url_list, cfg.input_format
     try:
-        fs, files = _url_list_files(url_list, fmt)
+        fs, files = url_list_files(url_list, fmt)
     except Exception as e:  # no s3fs, no credentials, no network: the reason, in one line
         return [f"{key}: cannot be listed ({_one_line(e)}); check the path and your access to it"]
     if files is None:
@@ -249,7 +249,7 @@ def check_url_list(cfg: IngestConfig, key: str) -> list[str]:
     return []
 
 
-def _url_list_files(url_list: str, input_format: str):
+def url_list_files(url_list: str, input_format: str):
     """(filesystem, files) as img2dataset reads them: a file, or a folder's *.{input_format};
     files is None when nothing is at url_list."""
     import fsspec
@@ -284,7 +284,7 @@ def _one_line(error: BaseException) -> str:
 def _count_rows(url_list: str, input_format: str) -> int:
     import pandas as pd
 
-    fs, files = _url_list_files(url_list, input_format)
+    fs, files = url_list_files(url_list, input_format)
     total = 0
     for file in files:
         with fs.open(file, "rb") as f:

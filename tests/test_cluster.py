@@ -20,6 +20,7 @@ CLUSTER = REPO / "cluster"
 CLUSTER_README = (CLUSTER / "README.md").read_text()
 README = (REPO / "README.md").read_text()
 PIPELINE_COMMAND = "unclip run pipelines/configs/laion.yaml"
+RETRAIN_COMMAND = "unclip retrain pipelines/configs/laion.yaml --new-urls s3://my-bucket/unclip-incoming/"
 
 # The kinds a manifest here may use, with the apiVersion that defines them.
 # ray.io/v1 RayCluster, RayJob, RayCronJob: the CRDs of KubeRay v1.6.0,
@@ -181,8 +182,10 @@ def test_entrypoints_are_the_readme_commands():
             entrypoints[name] = doc["spec"]["entrypoint"]
         elif doc["kind"] == "RayCronJob":
             entrypoints[name] = doc["spec"]["jobTemplate"]["entrypoint"]
-    assert len(entrypoints) == 3 and set(entrypoints.values()) == {PIPELINE_COMMAND}
+    assert entrypoints == {"rayjob-pipeline.yaml": PIPELINE_COMMAND, "raycronjob-retrain.yaml": RETRAIN_COMMAND,
+                           "cronjob-retrain.yaml:rayjob.yaml": RETRAIN_COMMAND}
     assert f"-- {PIPELINE_COMMAND}" in README and f"-- {PIPELINE_COMMAND}" in CLUSTER_README
+    assert RETRAIN_COMMAND in CLUSTER_README
     assert "unclip" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     cfg = load_config(REPO / PIPELINE_COMMAND.split()[-1], [])  # the config the jobs run is valid ...
     assert cfg.storage.startswith("/mnt/cluster_storage/")  # ... and writes to the shared volume

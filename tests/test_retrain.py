@@ -108,6 +108,25 @@ def test_retrain_needs_a_finished_run_and_an_existing_list(tmp_path):
     assert missing.returncode == 2 and f"--new-urls {tmp_path / 'x.parquet'} does not exist" in missing.stderr
 
 
+def test_an_inbox_folder_retrains_only_on_lists_the_run_does_not_have(tmp_path):
+    from pipelines.retrain import file_digest, write_state
+
+    storage, inbox = tmp_path / "s", tmp_path / "inbox"
+    (storage / "_pipeline").mkdir(parents=True)
+    (storage / "_pipeline" / "config.yaml").write_text("name: x\n")
+    inbox.mkdir()
+    empty = unclip("retrain", QUICK, "--storage", storage, "--new-urls", inbox, cwd=tmp_path, check=False)
+    assert empty.returncode == 0 and "nothing new" in empty.stderr + empty.stdout
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.png"], "caption": ["a red circle"]}).to_parquet(inbox / "a.parquet")
+    (inbox / "notes.txt").write_text("not a list")
+    write_state(storage, {"url_lists": [{"file": "a", "source": "a", "digest": file_digest(str(inbox / "a.parquet"))}], "retrains": []})
+    known = unclip("retrain", QUICK, "--storage", storage, "--new-urls", inbox, cwd=tmp_path, check=False)
+    assert known.returncode == 0 and "nothing new" in known.stderr + known.stdout
+    pd.DataFrame({"url": ["http://127.0.0.1:9/b.png"], "caption": ["a blue square"]}).to_parquet(inbox / "b.parquet")
+    new = unclip("retrain", QUICK, "--storage", storage, "--new-urls", inbox, cwd=tmp_path, check=False)
+    assert new.returncode == 2 and "no registered model" in new.stderr  # b is new: it goes on to the champion
+
+
 def test_appended_lists_follow_the_input_in_order_with_missing_columns_empty(tmp_path):
     from tasks.ingest import IngestConfig, read_url_list
 
