@@ -3,7 +3,8 @@ single-process loop over the same data, model, batch and objective, in the same 
 
     .venv/bin/python benchmarks/train_stage.py [--kinds prior decoder] [--steps 60] [--rows 1024]
 
-Prints one JSON document: per kind, samples/s of the plain loop, of the stage with 1 worker and
+Prints one JSON document: per kind, samples/s of the plain loop (the same torch threads as the
+stage's one worker, and the same EMA and schedule), of the stage with 1 worker and
 with 2 workers (steady state, from the loop's own samples/s metric), their ratio, and the stage's
 start-up (wall time minus steps at the steady rate). Data: synthetic shards embedded by the real
 embed stage (tiny CLIP). Asserts nothing about time.
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from tasks import train_decoder, train_prior  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
+from tasks.training import torch_threads, worker_resources  # noqa: E402
 
 STAGES = {"prior": (train_prior, train_prior.TrainPriorConfig), "decoder": (train_decoder, train_decoder.TrainDecoderConfig)}
 
@@ -67,11 +69,11 @@ def make_inputs(root: Path, rows: int) -> tuple[Path, Path]:
     return ingest, embed
 
 
-def plain_loop(kind: str, cfg, ingest: Path, embed: Path, steps: int) -> float:
-    """Same model, batches, objective and optimizer in one process; data read once into memory."""
-    import dataclasses
-
+def plain_loop(kind: str, cfg, ingest: Path, embed: Path, steps: int, threads: int) -> float:
+    """Same model, batches, objective, optimizer, schedule, EMA and torch threads as the stage's
+    one worker, in one process; data read once into memory."""
     from models import sizes
+    from models.training_state import EMA, warmup_cosine
     from tasks.dataset import embedding_dataset
 
     module = STAGES[kind][0]
@@ -84,18 +86,22 @@ def plain_loop(kind: str, cfg, ingest: Path, embed: Path, steps: int) -> float:
     batches = module.PriorBatches("cpu", str(embed)) if kind == "prior" else \
         module.DecoderBatches("cpu", str(embed), cfg.use_captions)
     network = sizes.build_from_config(kind, config)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
     objective = sizes.objective(kind)
     n, b = len(rows), cfg.batch_size
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
     def step(i):
         idx = torch.arange(i * b, (i + 1) * b) % n
         loss, _ = objective(network, batches({k: v[idx] for k, v in columns.items()}), None)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
-        optimizer.zero_grad()
+        ema.update(network)
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
 
     for i in range(3):
         step(i)
@@ -138,10 +144,12 @@ def main() -> None:
             module, config_class = STAGES[kind]
             cfg = config_class(steps=args.steps, batch_size=64 if kind == "prior" else 16, warmup_steps=0,
                                checkpoint_every=args.steps)
-            plain = plain_loop(kind, cfg, ingest, embed, args.steps)
+            one_worker = cfg.model_copy(update={"workers": 1})
+            threads = torch_threads(one_worker, worker_resources(one_worker, ray.cluster_resources()), ray.cluster_resources())
+            plain = plain_loop(kind, cfg, ingest, embed, args.steps, threads)
             one = stage_loop(kind, cfg, ingest, embed, root, 1)
             two = stage_loop(kind, cfg, ingest, embed, root, 2)
-            results[kind] = {"plain_samples_per_s": plain, "stage_1_worker": one, "stage_2_workers": two,
+            results[kind] = {"torch_threads": threads, "plain_samples_per_s": plain, "stage_1_worker": one, "stage_2_workers": two,
                              "ratio_1_worker_vs_plain": one["samples_per_s"] / plain,
                              "ratio_2_vs_1_workers": two["samples_per_s"] / one["samples_per_s"]}
         ray.shutdown()

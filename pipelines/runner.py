@@ -27,9 +27,8 @@ from rich.console import Console
 from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
-from tasks.context import StageContext
+from tasks.context import MANIFEST, StageContext
 
-MANIFEST = "_manifest.json"
 MLFLOW_RUN_ID = ".mlflow_run_id"
 STARTED = ".started"  # not *.json: img2dataset treats every json in its folder as a finished shard
 

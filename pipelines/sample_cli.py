@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional, Sequence
 
 import typer
 
+from tasks.grids import to_uint8
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -106,7 +108,7 @@ def sample(
             images = []
             for chunk in _batches(captions, batch_size, "sampling", progress):
                 images.append(stack.unclip.sample(chunk, generator=generator, prior=prior_kwargs, decoder=decoder, upsamplers=ups))
-            tiles = _uint8(torch.cat(images))
+            tiles = to_uint8(torch.cat(images))
             rows = [(p, tiles[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
             _write(out, rows, stack)
 
@@ -142,7 +144,7 @@ def vary(
                 drawn = [stack.unclip.variations(z_i, x_T, len(chunk), eta=eta, steps=decoder_steps, guidance_scale=guidance,
                                                  generator=generator, upsamplers=ups)
                          for chunk in _batches(range(n), batch_size, f"varying {path.name}", progress)]
-                rows.append((f"{path.name}: {n} variations, eta {eta:g}", [picture, *_uint8(torch.cat(drawn))]))
+                rows.append((f"{path.name}: {n} variations, eta {eta:g}", [picture, *to_uint8(torch.cat(drawn))]))
             _write(out, rows, stack)
 
 
@@ -178,7 +180,7 @@ def interpolate(
                                                guidance_scale=guidance, generator=generator, upsamplers=ups)
                       for chunk in _batches(thetas, batch_size, "interpolating", progress)]
             caption = f"{image[0].name} -> {image[1].name}: {steps} frames"
-            _write(out, [(caption, [a, *_uint8(torch.cat(frames)), b])], stack)
+            _write(out, [(caption, [a, *to_uint8(torch.cat(frames)), b])], stack)
 
 
 def textdiff(
@@ -218,7 +220,7 @@ def textdiff(
                                              generator=generator, upsamplers=ups)
                       for chunk in _batches(thetas, batch_size, "editing", progress)]
             caption = f"{from_} -> {to} (theta 0 to {max_theta:g})"
-            _write(out, [(caption, [picture, *_uint8(torch.cat(frames))])], stack)
+            _write(out, [(caption, [picture, *to_uint8(torch.cat(frames))])], stack)
 
 
 def pca_probe(
@@ -257,7 +259,7 @@ def pca_probe(
                                              upsamplers=ups)
                       for chunk in _batches(ks, batch_size, "decoding", progress)]
             caption = f"{image.name}: first {', '.join(map(str, ks))} PCA dims"
-            _write(out, [(caption, [picture, *_uint8(torch.cat(frames))])], stack)
+            _write(out, [(caption, [picture, *to_uint8(torch.cat(frames))])], stack)
 
 
 # ----- inputs -----------------------------------------------------------------------------------
@@ -393,12 +395,6 @@ def _batches(items: Sequence, size: int, label: str, progress: bool) -> Iterator
     chunks = [list(items[i:i + size]) for i in range(0, len(items), size)]
     console = Console(stderr=True)
     yield from track(chunks, description=label, console=console, transient=True, disable=not (progress and console.is_terminal))
-
-
-def _uint8(images: "torch.Tensor") -> list:
-    """(B, 3, H, W) in [-1, 1] -> B (H, W, 3) uint8 arrays."""
-    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return list(arrays)
 
 
 def _write(out: Path, rows: list, stack: "Stack") -> None:

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# Written into a stage's out_dir, atomically and last, by the runner once the stage finished: a
+# directory without it is not a finished output (an input's manifest says how it was made).
+MANIFEST = "_manifest.json"
+
 # Mark a config field that changes how fast a stage runs, not what it writes:
 # `Field(2, ge=1, json_schema_extra=EXECUTION_ONLY)`. Changing it does not invalidate the output.
 EXECUTION_ONLY = {"execution_only": True}

@@ -54,7 +54,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.context import EXECUTION_ONLY, StageContext
+from tasks.context import EXECUTION_ONLY, MANIFEST, StageContext
+from tasks.grids import to_uint8
 
 REAL_STATS = "real_stats"  # the cache directory, kept when the stage is redone (pipelines.dag Stage.keep)
 METRICS_FILE = "metrics.json"
@@ -294,8 +295,8 @@ class StackActor:
             base = unclip.decode(z, text if s["use_caption"] else None, decoder=decoder, generator=generator, upsample=False)
             final = unclip.upsample(base, [Stage(steps=s["upsampler_steps"])] * len(unclip.upsamplers), generator)
             out["job"] += [int(batch["job"][i]) for i in rows]
-            out["image"].append(_to_uint8(final))
-            out["base"].append(_to_uint8(base))
+            out["image"].append(to_uint8(final))
+            out["base"].append(to_uint8(base))
             out["z_hat"].append(z.float().cpu().numpy())
         result = {"job": np.asarray(out["job"], np.int64), "image": np.concatenate(out["image"]),
                   "base": np.concatenate(out["base"]), "z_hat": np.concatenate(out["z_hat"]).astype(np.float32)}
@@ -303,14 +304,6 @@ class StackActor:
         if self.inception is not None:
             result["inception"] = _inception_features(self.inception, result["image"], self.device)
         return result
-
-
-def _to_uint8(images) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    import torch
-
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +406,7 @@ def real_features(cfg: EvaluateConfig, ctx: StageContext, splits: list[SplitData
 
 def real_stats_path(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, inception: Path | None) -> tuple[Path, dict]:
     """The cache file of a split's real-image features, named by what they depend on."""
-    embed_manifest = ctx.input("embed") / "_manifest.json"
+    embed_manifest = ctx.input("embed") / MANIFEST
     version = {
         "embed": embed_manifest.read_text() if embed_manifest.is_file() else str(ctx.input("embed")),
         "split": data.name, "val_fraction": cfg.val_fraction, "real_images": cfg.real_images,
@@ -693,7 +686,7 @@ def stage_seconds(storage: Path) -> dict[str, float]:
     """Wall time of each finished stage of the run, in the order they ran (from the manifests the
     runner writes last in each stage's directory)."""
     found = []
-    for path in Path(storage).glob("*/_manifest.json"):
+    for path in Path(storage).glob(f"*/{MANIFEST}"):
         manifest = json.loads(path.read_text())
         if "duration_s" in manifest:
             found.append((manifest.get("started_at", ""), manifest.get("stage", path.parent.name), float(manifest["duration_s"])))

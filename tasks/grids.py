@@ -19,6 +19,11 @@ CAPTION_BAND = 16  # pixels
 FONT_SIZE = 11
 
 
+def to_uint8(images) -> np.ndarray:
+    """Model output (B, 3, H, W) torch tensor in [-1, 1] -> (B, H, W, 3) uint8 images."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def grid_size(rows: int, cols: int, tile: int) -> tuple[int, int]:
     """(width, height) of a grid of rows x cols square tiles with a caption band under each row."""
     return cols * tile, rows * (tile + CAPTION_BAND)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.grids import to_uint8
+
 
 @dataclass
 class Settings:
@@ -41,10 +43,6 @@ def _tensor(images: np.ndarray, device):
     import torch
 
     return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).to(device) / 127.5 - 1
-
-
-def _uint8(images) -> np.ndarray:
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _other_colour(caption: str) -> str | None:
@@ -88,11 +86,11 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     x_T = unclip.invert(x0, z, **common)
     exact = Stage(steps=settings.steps, sampler="ddim", eta=0.0, guidance_scale=settings.guidance, clip_sample=None)
     rebuilt = unclip.decode(z, decoder=exact, x_T=x_T, upsample=False)
-    target = _uint8(downsample_to(x0, size) if x0.shape[-1] != size else x0)  # what invert() saw
-    metrics = {"inversion_psnr": float(psnr(_uint8(rebuilt), target).mean())}
+    target = to_uint8(downsample_to(x0, size) if x0.shape[-1] != size else x0)  # what invert() saw
+    metrics = {"inversion_psnr": float(psnr(to_uint8(rebuilt), target).mean())}
 
     n = settings.variations
-    varied = _uint8(unclip.variations(z, x_T, n, eta=1.0, generator=generator, upsamplers=ups, **common))
+    varied = to_uint8(unclip.variations(z, x_T, n, eta=1.0, generator=generator, upsamplers=ups, **common))
     if objects is not None:
         sources = [objects[i] for i in pick for _ in range(n)]
         single = [k for k, s in enumerate(sources) if len(json.loads(s)) == 1]
@@ -107,7 +105,7 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
 
     thetas = np.linspace(0, 1, settings.frames).tolist()
     frames = unclip.interpolate(z[0], z[1], thetas, x_T_a=x_T[:1], x_T_b=x_T[1:2], upsamplers=ups, **common)
-    rows = [(f"{captions[pick[0]]} -> {captions[pick[1]]}", [images[pick[0]], *_uint8(frames), images[pick[1]]])]
+    rows = [(f"{captions[pick[0]]} -> {captions[pick[1]]}", [images[pick[0]], *to_uint8(frames), images[pick[1]]])]
     strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "interpolation.png"))
 
     source = captions[pick[0]]
@@ -115,13 +113,13 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     thetas = np.linspace(0, 0.5, settings.frames).tolist()
     frames = unclip.text_diff(z[:1], x_T[:1], unclip.encode_text([goal]), unclip.encode_text([source]), thetas,
                               upsamplers=ups, **common)
-    rows = [(f"text diff '{source}' -> '{goal}', theta 0 to 0.5", [images[pick[0]], *_uint8(frames)])]
+    rows = [(f"text diff '{source}' -> '{goal}', theta 0 to 0.5", [images[pick[0]], *to_uint8(frames)])]
     strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "text_diff.png"))
 
     if stack.pca is not None:
         available = stack.pca.components.shape[0]
         ks = [2**i for i in range(available.bit_length()) if 2**i < available] + [available]
         frames = unclip.pca_probe(z[:1], stack.pca, ks, upsamplers=ups, **common)
-        rows = [(f"first {', '.join(map(str, ks))} PCA dims of z_i", [images[pick[0]], *_uint8(frames)])]
+        rows = [(f"first {', '.join(map(str, ks))} PCA dims of z_i", [images[pick[0]], *to_uint8(frames)])]
         strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "pca_probe.png"))
     return metrics, strips
