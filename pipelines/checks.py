@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
+from pipelines.object_store import MIRROR_ENV, is_remote, local_mirror, local_storage, store_problems
 from tasks import embed, evaluate, ingest, train_upsampler, training
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent
@@ -23,14 +24,14 @@ STAGE_CHECKS: dict[str, Callable[..., list[str]]] = {
     "embed": embed.check_inputs,
     "evaluate": evaluate.check_inputs,
 }
-STORAGE_FIX = "pass a writable directory with --storage (or set `storage:` in the config)"
+STORAGE_FIX = "pass a writable directory or an object-store URI (s3://bucket/path) with --storage (or set `storage:` in the config)"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
     """Raise ConfigError listing every reason why running `stages` of `cfg` would fail at once."""
     problems = storage_problems(cfg.storage)
-    storage = Path(cfg.storage).absolute()
+    storage = local_storage(cfg.storage)  # relative model paths are looked up in the local mirror of a store
     for name in stages:
         if name in STAGE_CHECKS:
             problems += STAGE_CHECKS[name](cfg.stage_config(name), storage)
@@ -75,8 +76,13 @@ def upsampler_chain_problems(cfg: PipelineConfig) -> list[str]:
 def storage_problems(storage: str) -> list[str]:
     if not storage.strip():
         return [f"storage is empty; {STORAGE_FIX}"]
-    if _URL.match(storage):
-        return [f"storage {storage}: a URL, but storage must be a local or shared file-system path (e.g. /mnt/cluster_storage/unclip); {STORAGE_FIX}"]
+    if is_remote(storage):
+        problems = store_problems(storage)
+        if problem := writable_dir_problem(local_mirror(storage)):
+            problems.append(f"storage {storage}: its local mirror {problem}; set {MIRROR_ENV} to a writable directory")
+        return problems
+    if _URL.match(storage):  # file://
+        return [f"storage {storage}: give the local path itself, not a URL; {STORAGE_FIX}"]
     problem = writable_dir_problem(Path(storage).absolute())
     return [f"storage: {problem}; {STORAGE_FIX}"] if problem else []
 

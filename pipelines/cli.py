@@ -22,12 +22,14 @@ def _fail(message: str, code: int) -> None:
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="pipeline YAML, e.g. pipelines/configs/demo.yaml")],
-    storage: Annotated[Optional[str], typer.Option(help="output root; overrides the config's storage")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="output root, a directory or an object-store URI (s3://bucket/path; "
+                                                     "credentials from AWS_* env vars); overrides the config's storage")] = None,
     only: Annotated[Optional[list[str]], typer.Option(help="run only this stage (repeatable); its inputs must exist")] = None,
     until: Annotated[Optional[str], typer.Option(help="run the stages up to and including this one")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE, e.g. ingest.processes=1")] = None,
 ) -> None:
     """Run the workflow (stages whose manifest matches are skipped)."""
+    from pipelines.object_store import ObjectStoreError
     from pipelines.runner import StageInputMissing, run_pipeline
 
     try:
@@ -35,6 +37,8 @@ def run(
         run_pipeline(cfg, only=only, until=until)
     except (ConfigError, StageInputMissing) as e:
         _fail(str(e), 2)
+    except ObjectStoreError as e:  # the store failed mid-run: what is published stays consistent; run again
+        _fail(str(e), 1)
 
 
 @app.command()

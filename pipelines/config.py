@@ -59,7 +59,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "unclip"
-    storage: str = Field("outputs", description="root of every stage's output (local or shared file system path)")
+    storage: str = Field("outputs", description="root of every stage's output: a local or shared directory, or an object-store URI (s3://bucket/path, gs://...) run through a local mirror")
     seed: int = 0
     stages: list[Literal[STAGE_ORDER]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: [s for s in STAGE_ORDER if s not in OPTIONAL_STAGES])

@@ -30,8 +30,8 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from pipelines.config import ConfigError
+from tasks.context import MANIFEST
 
-MANIFEST = "_manifest.json"
 MIRROR_ENV = "UNCLIP_LOCAL_MIRROR"
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CREDENTIALS_FIX = ("credentials and endpoint come from the environment only: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "

@@ -116,8 +116,12 @@ def copy_into_run(url_list: str, digest: str, storage: Path, input_format: str) 
 
 def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any] | None:
     """Add `new_urls` to the run's data and retrain from the champion; None when nothing is new."""
+    from pipelines.object_store import is_remote
     from tasks.ingest import check_url_list
 
+    if is_remote(cfg.storage):
+        raise ConfigError(f"storage {cfg.storage}: `unclip retrain` needs a file-system storage directory (object stores "
+                          "are supported by `unclip run` only, so far); retrain a run stored on a local or shared path")
     storage = Path(cfg.storage).absolute()
     if not (storage / "_pipeline" / "config.yaml").is_file():
         raise ConfigError(f"{storage} holds no pipeline run (no _pipeline/config.yaml); run it first: "

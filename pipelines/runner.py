@@ -5,6 +5,10 @@ Each stage writes under `<storage>/<stage>/` and then, atomically and last, `_ma
 A stage whose manifest matches its config and its inputs' manifests is skipped. Otherwise its
 manifest is removed first (so partial output never looks complete) and it is redone: from
 scratch, or, for an incremental stage whose settings did not change, from where it stopped.
+
+With storage on an object store (`s3://...`, pipelines.object_store) the stages run in a local
+mirror; the store's manifests decide what is done, a stage's finished inputs are pulled before it
+runs, and a finished stage is published to the store, manifest last, before its local manifest.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rich.console import Console
 from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
+from pipelines.object_store import ObjectStore, is_remote, local_storage
 from tasks.context import MANIFEST, StageContext
 
 MLFLOW_RUN_ID = ".mlflow_run_id"
@@ -44,58 +49,94 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
     from pipelines.retrain import with_added_url_lists
 
-    cfg = with_added_url_lists(cfg)  # the run's data includes what `unclip retrain` added
+    remote = is_remote(cfg.storage)
+    if not remote:  # `unclip retrain` refuses object-store storage, so there is nothing it added
+        cfg = with_added_url_lists(cfg)  # the run's data includes what `unclip retrain` added
     check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
-    storage = Path(cfg.storage).absolute()
+    storage = local_storage(cfg.storage)  # with an object store: the local mirror the stages run in
     planned = {s.name for s in stages}
-    for stage in stages:
-        for name in stage.inputs(cfg):
-            if name not in planned and not (storage / name / MANIFEST).is_file():
-                raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {name}/{MANIFEST}); run it first, e.g. without --only")
+    if not remote:
+        check_finished_inputs(stages, cfg, storage, planned)
     preflight(cfg, [s.name for s in stages])  # bad paths and URIs fail here, before anything is written
+    store = ObjectStore.connect(cfg.storage) if remote else None
+    if store:
+        check_finished_inputs(stages, cfg, storage, planned, store)
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "_pipeline").mkdir(exist_ok=True)
     config_file = storage / "_pipeline" / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if store:
+        store.write_text("_pipeline/config.yaml", config_file.read_text())
 
     tracking_uri = start_tracking(cfg, storage)
-    console.print(f"[bold]unclip[/] {cfg.name}: storage {storage}, MLflow {tracking_uri}")
+    where = f"{store.uri} (local mirror {storage})" if store else str(storage)
+    console.print(f"[bold]unclip[/] {cfg.name}: storage {where}, MLflow {tracking_uri}")
 
     results: dict[str, dict[str, Any]] = {}
     with mlflow.start_run(run_name=cfg.name) as parent:
-        mlflow.set_tags({"unclip.storage": str(storage), "unclip.stages": ",".join(s.name for s in stages)})
+        mlflow.set_tags({"unclip.storage": store.uri if store else str(storage), "unclip.stages": ",".join(s.name for s in stages)})
         mlflow.log_artifact(str(config_file))
         for stage in stages:
-            results[stage.name] = run_stage(stage, cfg, storage)
+            results[stage.name] = run_stage(stage, cfg, storage, store)
         mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
     console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
     return results
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any]:
+def check_finished_inputs(stages: list[Stage], cfg: PipelineConfig, storage: Path, planned: set[str],
+                          store: ObjectStore | None = None) -> None:
+    """Each stage's inputs that this run does not make must have finished (in the store, if any)."""
+    for stage in stages:
+        for name in stage.inputs(cfg):
+            if name not in planned and finished_manifest(name, storage, store) is None:
+                raise input_missing(stage.name, name, store.uri if store else storage)
+
+
+def input_missing(stage: str, needed: str, where: str | Path) -> StageInputMissing:
+    return StageInputMissing(f"stage {stage!r} needs {needed!r}, which has not finished in {where} (no {needed}/{MANIFEST}); run it first, e.g. without --only")
+
+
+def finished_manifest(stage: str, storage: Path, store: ObjectStore | None = None) -> dict[str, Any] | None:
+    """The stage's manifest where the run's truth is: the store, or the storage directory."""
+    return store.read_manifest(stage) if store else read_manifest(storage / stage)
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectStore | None = None) -> dict[str, Any]:
     out_dir = storage / stage.name
     inputs = {name: storage / name for name in stage.inputs(cfg)}
-    for name, path in inputs.items():
-        if not (path / MANIFEST).is_file():
-            raise StageInputMissing(f"stage {stage.name!r} needs {name!r}, which has not finished in {storage} (no {path / MANIFEST}); run it first, e.g. without --only")
+    input_manifests = {name: finished_manifest(name, storage, store) for name in inputs}
+    for name, manifest in input_manifests.items():
+        if manifest is None:
+            raise input_missing(stage.name, name, store.uri if store else storage)
     stage_cfg = cfg.stage_config(stage.name)
     config_hash = _digest(output_settings(stage_cfg))
+    input_digests = {name: _manifest_digest(m) for name, m in sorted(input_manifests.items())}
     fingerprint = _digest(
         {
             "stage": stage.name,
             "config": config_hash,
             "seed": cfg.seed,
-            "inputs": {name: manifest_digest(path) for name, path in sorted(inputs.items())},
+            "inputs": input_digests,
             "external": {uri: _checksum(uri) for uri in stage.external_inputs(cfg)},
         }
     )
-    previous = read_manifest(out_dir)
+    previous = finished_manifest(stage.name, storage, store)
     if previous and previous.get("fingerprint") == fingerprint:
         console.print(f"[dim]⏭  {stage.name}: up to date (manifest matches), skipped[/]")
         return {"status": "skipped", "counts": previous["counts"]}
+    if store:
+        # The stage runs here: its inputs must be in the mirror, and an incremental stage grows
+        # from the store's finished output (this mirror may be empty, or hold an older one).
+        for name in inputs:
+            store.pull(name, storage / name)
+        local = read_manifest(out_dir)
+        if stage.incremental and previous and previous.get("config_hash") == config_hash and local != previous:
+            store.pull(stage.name, out_dir)
+        elif local is not None and local != previous:  # an older output, not the store's: not ours to resume
+            (out_dir / MANIFEST).unlink()
 
     # An incremental stage keeps what it has when its own settings are unchanged: after a crash
     # (the start marker says so) or when only its inputs grew (the old manifest says so).
@@ -125,19 +166,19 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path) -> dict[str, Any
         counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
         duration = time.perf_counter() - t0
         mlflow.log_metrics({**counts, "duration_s": duration})
-    write_manifest(
-        out_dir,
-        {
-            "stage": stage.name,
-            "fingerprint": fingerprint,
-            "config_hash": config_hash,
-            "inputs": {name: manifest_digest(path) for name, path in inputs.items()},
-            "counts": counts,
-            "package_version": version("unclip-pipeline"),
-            "started_at": started.isoformat(),
-            "duration_s": duration,
-        },
-    )
+    manifest = {
+        "stage": stage.name,
+        "fingerprint": fingerprint,
+        "config_hash": config_hash,
+        "inputs": input_digests,
+        "counts": counts,
+        "package_version": version("unclip-pipeline"),
+        "started_at": started.isoformat(),
+        "duration_s": duration,
+    }
+    if store:  # published first: until the store has the manifest, the mirror keeps its start marker
+        store.publish(stage.name, out_dir, _manifest_text(manifest), local_only=(STARTED,))
+    write_manifest(out_dir, manifest)
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
@@ -209,14 +250,18 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.write_text(_manifest_text(manifest))
     os.replace(tmp, out_dir / MANIFEST)
     (out_dir / STARTED).unlink(missing_ok=True)
 
 
-def manifest_digest(out_dir: Path) -> str:
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2)
+
+
+def _manifest_digest(manifest: dict[str, Any] | None) -> str:
     """What downstream stages depend on: the upstream's fingerprint and what it produced."""
-    manifest = read_manifest(out_dir) or {}
+    manifest = manifest or {}
     return _digest({"fingerprint": manifest.get("fingerprint"), "counts": manifest.get("counts")})
 
 

@@ -83,7 +83,8 @@ def test_remote_url_list_that_cannot_be_listed(cli, tmp_path):
 
 @pytest.mark.parametrize("storage, reason", [
     ("/proc/nope", "/proc/nope cannot be created: making a directory in /proc fails"),
-    ("s3://bucket/out", "storage must be a local or shared file-system path"),
+    ("ftp://bucket/out", "pyarrow has no file system for ftp:// URIs"),
+    ("file:///tmp/out", "give the local path itself, not a URL"),
     ("", "storage is empty"),
 ])
 def test_unusable_storage(cli, storage, reason):
