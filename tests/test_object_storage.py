@@ -1,0 +1,240 @@
+"""Pipeline storage on an S3-compatible store (moto's server on 127.0.0.1): the store holds every
+finished stage, a fresh local mirror resumes from it, a failed stage or upload publishes no
+manifest, and a store that cannot be used is a clear error (exit 2) before anything runs."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from pyarrow import fs as pafs
+from typer.testing import CliRunner
+
+from pipelines import object_store, runner
+from pipelines.cli import app
+from pipelines.config import PipelineConfig
+from pipelines.dag import Stage
+from pipelines.object_store import ObjectStore, ObjectStoreError
+from tests.test_runner import QUICK, unclip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server; yields its endpoint URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    moto = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"moto_server did not start; see {log.name}")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture()
+def bucket(s3_server, monkeypatch, tmp_path):
+    """A new, empty bucket; credentials and endpoint in the environment only, as a user sets them."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv(object_store.MIRROR_ENV, str(tmp_path / "mirror"))
+    name = f"b{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing", secret_key="testing",
+                      region="us-east-1", allow_bucket_creation=True).create_dir(name)
+    return name
+
+
+def store_files(uri: str) -> set[str]:
+    """Every object under uri, relative to it."""
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+def test_quick_pipeline_on_s3_and_resume_from_a_fresh_mirror(bucket, tmp_path, monkeypatch):
+    uri = f"s3://{bucket}/run"
+    args = ("run", QUICK, "--storage", uri, "--set", "synth.n=30", "--set", "pca.kept_dims=16", "--until", "pca")
+    first = unclip(*args, cwd=tmp_path)
+    for stage in ("synth", "ingest", "embed", "pca"):
+        assert f"✓  {stage}" in first.stderr
+    files = store_files(uri)
+    assert "_pipeline/config.yaml" in files
+    for stage in ("synth", "ingest", "embed", "pca"):
+        assert f"{stage}/_manifest.json" in files
+    assert not any(f.endswith("/.started") for f in files)
+    assert {"ingest/00000.tar", "ingest/00000.parquet"} <= files
+    assert any(f.startswith("embed/") and f.endswith(".parquet") for f in files)
+    assert any(f.startswith("pca/") and f.endswith(".safetensors") for f in files)
+    fs, root = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(f"{root}/ingest/_manifest.json") as f:
+        assert json.loads(f.read())["counts"]["success"] == 30
+    # what the store holds is what the stage wrote
+    mirror = tmp_path / "mirror"
+    with fs.open_input_stream(f"{root}/ingest/00000.tar") as f:
+        assert f.read() == (mirror / "ingest" / "00000.tar").read_bytes()
+
+    # another machine: an empty mirror; every stage is done in the store, nothing is downloaded
+    fresh = tmp_path / "fresh-mirror"
+    monkeypatch.setenv(object_store.MIRROR_ENV, str(fresh))
+    second = unclip(*args, cwd=tmp_path)
+    for stage in ("synth", "ingest", "embed", "pca"):
+        assert f"{stage}: up to date" in second.stderr
+    assert not any((fresh / stage).exists() for stage in ("synth", "ingest", "embed", "pca"))
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """One MLflow store for the in-process stage runs (creating a sqlite store takes seconds)."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+    mlflow.set_experiment("unclip")
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def synth_config(n: int) -> PipelineConfig:
+    return PipelineConfig.model_validate({"stages": ["synth"], "synth": {"n": n}})
+
+
+def test_a_failed_stage_or_upload_publishes_no_manifest(bucket, tmp_path, tracking, monkeypatch):
+    store = ObjectStore.connect(f"s3://{bucket}/run")
+    mirror = tmp_path / "mirror"
+
+    def half_then_fail(cfg, ctx):
+        (ctx.out_dir / "part-0").write_text("half")
+        raise RuntimeError("stage died mid-way")
+
+    with pytest.raises(RuntimeError, match="mid-way"):
+        runner.run_stage(Stage("synth", half_then_fail), synth_config(3), mirror, store)
+    assert store_files(store.uri) == set()
+
+    def works(cfg, ctx):
+        (ctx.out_dir / f"part-{cfg.n}").write_text(str(cfg.n))
+        return {"n": cfg.n}
+
+    assert runner.run_stage(Stage("synth", works), synth_config(3), mirror, store)["status"] == "ran"
+    assert {"synth/_manifest.json", "synth/part-3"} <= store_files(store.uri)
+
+    # a redo that dies before publishing leaves the store's previous finished output as it was
+    with pytest.raises(RuntimeError, match="mid-way"):
+        runner.run_stage(Stage("synth", half_then_fail), synth_config(4), mirror, store)
+    assert store.read_manifest("synth")["counts"] == {"n": 3.0}
+
+    # the upload breaks after the files went up: no manifest, neither the new nor the old one
+    real_copy = pafs.copy_files
+
+    def copy_then_break(*args, **kwargs):
+        real_copy(*args, **kwargs)
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(pafs, "copy_files", copy_then_break)
+    with pytest.raises(ObjectStoreError, match="uploading synth/ failed"):
+        runner.run_stage(Stage("synth", works), synth_config(4), mirror, store)
+    assert "synth/part-4" in store_files(store.uri) and store.read_manifest("synth") is None
+    assert not (mirror / "synth" / "_manifest.json").exists()  # nor does the mirror claim it is done
+
+    monkeypatch.setattr(pafs, "copy_files", real_copy)
+    assert runner.run_stage(Stage("synth", works), synth_config(4), mirror, store)["status"] == "ran"
+    assert store.read_manifest("synth")["counts"] == {"n": 4.0}
+    assert "synth/part-3" not in store_files(store.uri)  # the old output went when the stage was redone
+
+
+def test_an_incremental_stage_grows_from_the_store_on_a_fresh_mirror(bucket, tmp_path, tracking):
+    """A new machine pulls the store's finished output of an incremental stage whose input grew,
+    and adds to it instead of starting over."""
+    store = ObjectStore.connect(f"s3://{bucket}/run")
+    url_list = tmp_path / "urls.txt"
+    seen = []
+
+    def add_what_is_new(cfg, ctx):
+        seen.append(sorted(p.name for p in ctx.out_dir.iterdir() if not p.name.startswith(".")))
+        for line in url_list.read_text().split():
+            (ctx.out_dir / line).write_text(line)
+        return {"n": len(url_list.read_text().split())}
+
+    stage = Stage("synth", add_what_is_new, incremental=True, external_inputs=lambda cfg: [str(url_list)])
+    url_list.write_text("a b")
+    runner.run_stage(stage, synth_config(3), tmp_path / "machine1", store)
+    url_list.write_text("a b c")
+    assert runner.run_stage(stage, synth_config(3), tmp_path / "machine2", store)["status"] == "ran"
+    assert seen == [[], ["a", "b"]]
+    assert {"synth/a", "synth/b", "synth/c"} <= store_files(store.uri)
+    assert store.read_manifest("synth")["counts"] == {"n": 3.0}
+    assert runner.run_stage(stage, synth_config(3), tmp_path / "machine3", store)["status"] == "skipped"
+
+
+def fails_before_anything_runs(tmp_path, monkeypatch, *args) -> str:
+    def no_stage(*a, **kw):
+        raise AssertionError("a stage started")
+
+    monkeypatch.setattr(runner, "run_stage", no_stage)
+    monkeypatch.setattr(runner, "ensure_ray", no_stage)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.stderr.startswith("error: ")
+    assert not (tmp_path / "mirror").exists()
+    return result.stderr
+
+
+def test_missing_bucket_is_a_clear_error(bucket, tmp_path, monkeypatch):
+    uri = "s3://no-such-bucket-here/run"
+    message = fails_before_anything_runs(tmp_path, monkeypatch, "run", QUICK, "--storage", uri)
+    assert f"storage {uri}: cannot write there" in message and "AWS_ENDPOINT_URL" in message
+
+    # without credentials the message says so (moto takes unsigned requests; a real store refuses them)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    assert "AWS_ACCESS_KEY_ID is not set" in fails_before_anything_runs(tmp_path, monkeypatch, "run", QUICK, "--storage", uri)
+
+
+def test_unreachable_endpoint_is_a_clear_error(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    uri = f"s3://{bucket}/run"
+    message = fails_before_anything_runs(tmp_path, monkeypatch, "run", QUICK, "--storage", uri)
+    assert f"storage {uri}: cannot reach the store" in message and "AWS_ENDPOINT_URL" in message
+    assert len(message.strip().splitlines()) == 1
+
+
+def test_retrain_refuses_an_object_store(bucket, tmp_path, monkeypatch):
+    urls = tmp_path / "urls.parquet"
+    urls.write_text("x")
+    message = fails_before_anything_runs(tmp_path, monkeypatch, "retrain", QUICK, "--storage", f"s3://{bucket}/run", "--new-urls", urls)
+    assert "`unclip retrain` needs a file-system storage directory" in message
+
+
+def test_mirror_location(monkeypatch):
+    monkeypatch.delenv(object_store.MIRROR_ENV, raising=False)
+    a, b = object_store.local_mirror("s3://bucket/a"), object_store.local_mirror("s3://bucket/b")
+    assert a != b and a == object_store.local_mirror("s3://bucket/a/") and a.parent.name == "unclip"
+    assert object_store.is_remote("s3://b/x") and object_store.is_remote("gs://b/x")
+    assert not object_store.is_remote("outputs/x") and not object_store.is_remote("file:///tmp/x")
+
+
+def test_mirror_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv(object_store.MIRROR_ENV, str(tmp_path / "m"))
+    assert object_store.local_storage("s3://bucket/a") == tmp_path / "m"
