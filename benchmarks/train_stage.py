@@ -143,7 +143,7 @@ def main() -> None:
         for kind in args.kinds:
             module, config_class = STAGES[kind]
             cfg = config_class(steps=args.steps, batch_size=64 if kind == "prior" else 16, warmup_steps=0,
-                               checkpoint_every=args.steps)
+                               checkpoint_every=args.steps, torch_threads=1 if kind == "prior" else None)  # as demo.yaml
             one_worker = cfg.model_copy(update={"workers": 1})
             threads = torch_threads(one_worker, worker_resources(one_worker, ray.cluster_resources()), ray.cluster_resources())
             plain = plain_loop(kind, cfg, ingest, embed, args.steps, threads)

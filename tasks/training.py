@@ -79,6 +79,10 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float | None = Field(
         None, gt=0, description="default: what the cluster can give while leaving room for Ray Data",
         json_schema_extra=EXECUTION_ONLY)
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; default: the worker's CPUs, or with cache_data the "
+        "cluster's CPUs / workers. A small model's step can be faster on fewer (the tiny prior: on 1)",
+        json_schema_extra=EXECUTION_ONLY)
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (and validation)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept besides the latest (the best by validation loss)")
     log_every: int = Field(20, ge=1, description="steps between metric logs")
@@ -88,10 +92,12 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
     max_bad_steps: int = Field(20, ge=1, description="consecutive NaN/inf steps before the stage stops")
     shuffle_buffer: int = Field(
-        1024, ge=0, description="rows each worker shuffles before batching, with a new order every epoch (0: read order)")
+        1024, ge=0, description="rows each worker shuffles before batching, with a new order every epoch (0: read "
+        "order); with cache_data the whole shard is shuffled")
     cache_data: bool = Field(
-        True, description="hold the training data in Ray's object store after the first read (fast epochs on "
-        "small data); turn off for data larger than the object store, which is then streamed every epoch",
+        True, description="hold the training data in Ray's object store after the first read, and each worker's "
+        "shard in its memory (fast epochs on small data: a whole-shard shuffle every epoch); turn off for data "
+        "larger than that, which is then streamed every epoch with a shuffle_buffer shuffle",
         json_schema_extra=EXECUTION_ONLY)
 
 
@@ -153,6 +159,8 @@ def worker_resources(cfg: TrainConfig, cluster: dict[str, float]) -> dict[str, f
 def torch_threads(cfg: TrainConfig, resources: dict[str, float], cluster: dict[str, float]) -> int:
     """Torch threads per worker. The CPU left to Ray Data by `worker_resources` has nothing to
     read once the data is cached before the first step, so the workers share it then."""
+    if cfg.torch_threads is not None:
+        return cfg.torch_threads
     if cfg.cache_data and cfg.cpus_per_worker is None and not cfg.use_gpu:
         return max(1, int(float(cluster.get("CPU", 1)) // cfg.workers))
     return max(1, int(resources["CPU"]))
@@ -342,6 +350,42 @@ def _root_cause(error: BaseException) -> str:
 # Worker side
 
 
+class HeldShard:
+    """A worker's training shard as tensors in its memory (cache_data), read once."""
+
+    def __init__(self):
+        self.columns: dict[str, Any] | None = None
+
+    def read(self, shard, batch_size: int) -> None:
+        import torch
+
+        parts = list(shard.iter_torch_batches(batch_size=batch_size))
+        self.columns = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+def epoch_batches(shard, cfg: TrainConfig, seed: int, held: HeldShard | None):
+    """One epoch of a worker's training batches (drop_last). Streamed: Ray Data reads the shard and
+    shuffles `shuffle_buffer` rows at a time. Held (cache_data): the first epoch reads the shard into
+    memory, and every epoch is a seeded permutation of all of it, sliced, with no trip through Ray
+    Data per batch (which costs the small prior a quarter of its step: benchmarks/train_stage.py)."""
+    import torch
+
+    if held is None:
+        shuffle = dict(local_shuffle_buffer_size=cfg.shuffle_buffer, local_shuffle_seed=seed) if cfg.shuffle_buffer else {}
+        yield from shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, **shuffle)
+        return
+    if held.columns is None:
+        held.read(shard, cfg.batch_size)
+    n = len(held)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if cfg.shuffle_buffer else torch.arange(n)
+    for start in range(0, n - cfg.batch_size + 1, cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        yield {k: v[rows] for k, v in held.columns.items()}
+
+
 def train_loop(config: dict[str, Any]) -> None:
     import numpy as np
     import ray.data
@@ -417,6 +461,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    held = HeldShard() if cfg.cache_data else None
     checked, bad_in_a_row, last, epoch = False, 0, {}, 0
     # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
     # counted, and does not become the stage's reported loss.
@@ -426,9 +471,7 @@ def train_loop(config: dict[str, Any]) -> None:
         micro = 0
         batches_this_epoch = 0
         epoch += 1
-        shuffle = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
-                       local_shuffle_seed=config["seed"] * 1000 + rank + 7919 * step + epoch) if cfg.shuffle_buffer else {}
-        for raw in train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, **shuffle):
+        for raw in epoch_batches(train_shard, cfg, config["seed"] * 1000 + rank + 7919 * step + epoch, held):
             batches_this_epoch += 1
             batch = make_batch(raw)
             if not checked:

@@ -132,3 +132,5 @@ def test_workers_share_the_data_cpu_only_when_the_data_is_cached():
     assert training.torch_threads(two, training.worker_resources(two, {"CPU": 8.0}), {"CPU": 8.0}) == 4
     pinned = training.TrainConfig(workers=1, cpus_per_worker=1.0)
     assert training.torch_threads(pinned, training.worker_resources(pinned, {"CPU": 8.0}), {"CPU": 8.0}) == 1
+    chosen = training.TrainConfig(workers=1, torch_threads=3)
+    assert training.torch_threads(chosen, training.worker_resources(chosen, cluster), cluster) == 3
