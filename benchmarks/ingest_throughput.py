@@ -13,6 +13,7 @@ the best of --repeats is kept. Prints JSON; asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,10 +63,11 @@ def main() -> None:
                     out = root / f"{name}{r}"
                     out.mkdir()
                     start = time.perf_counter()
-                    if name == "stage":
-                        download(cfg, str(url_list), "parquet", [], out)
-                    else:
-                        bare(cfg, str(url_list), out)
+                    with contextlib.redirect_stdout(sys.stderr):  # img2dataset's progress lines; stdout is the JSON
+                        if name == "stage":
+                            download(cfg, str(url_list), "parquet", [], out)
+                        else:
+                            bare(cfg, str(url_list), out)
                     best[name] = min(best[name], time.perf_counter() - start)
                     success[name] = summarise(out)["success"]
     print(json.dumps({
