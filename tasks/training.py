@@ -369,8 +369,8 @@ class HeldShard:
 def epoch_batches(shard, cfg: TrainConfig, seed: int, held: HeldShard | None):
     """One epoch of a worker's training batches (drop_last). Streamed: Ray Data reads the shard and
     shuffles `shuffle_buffer` rows at a time. Held (cache_data): the first epoch reads the shard into
-    memory, and every epoch is a seeded permutation of all of it, sliced, with no trip through Ray
-    Data per batch (which costs the small prior a quarter of its step: benchmarks/train_stage.py)."""
+    memory, and every epoch is a seeded permutation of all of it, sliced: a better shuffle than a
+    buffer's, and no trip through Ray Data per batch."""
     import torch
 
     if held is None:
