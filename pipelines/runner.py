@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -83,7 +84,28 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
             results[stage.name] = run_stage(stage, cfg, storage, store)
         mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
     console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
+    if "evaluate" in results:
+        print_where_to_look(storage / "evaluate", store, tracking_uri)
     return results
+
+
+def print_where_to_look(evaluate_dir: Path, store: ObjectStore | None, tracking_uri: str) -> None:
+    """The end of a run that evaluated: where the samples, the report and the bars are, and the
+    command that opens MLflow (this venv's own mlflow, so it works without activating the venv)."""
+    from tasks.evaluate import BARS_FILE
+
+    where = f"{store.uri}/evaluate" if store else str(evaluate_dir)
+    bars = json.loads((evaluate_dir / BARS_FILE).read_text()) if (evaluate_dir / BARS_FILE).exists() else []
+    failed = [b["bar"] for b in bars if not b["passed"]]
+    console.print(f"samples: {where}/grids/  report: {where}/report.html")
+    if bars:
+        verdict = "[green]all passed[/]" if not failed else f"[red]{len(failed)} not met[/]: " + "; ".join(failed)
+        console.print(f"quality bars: {len(bars) - len(failed)} of {len(bars)} met ({where}/{BARS_FILE}), {verdict}")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if tracking_uri.startswith("sqlite:"):
+        console.print(f"MLflow: {mlflow_bin} ui --backend-store-uri {tracking_uri}")
+    else:
+        console.print(f"MLflow: {tracking_uri}")
 
 
 def check_finished_inputs(stages: list[Stage], cfg: PipelineConfig, storage: Path, planned: set[str],

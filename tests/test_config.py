@@ -48,7 +48,7 @@ def test_stage_whose_input_is_not_configured_is_rejected():
 
 def test_unknown_until_stage_is_rejected():
     with pytest.raises(ConfigError, match="not in this config's stages"):
-        plan(load_config(CONFIGS / "quick.yaml"), until="train_clip")
+        plan(load_config(CONFIGS / "quick.yaml"), until="train_upsampler2")
 
 
 def test_cli_exits_2_and_names_the_key(tmp_path):

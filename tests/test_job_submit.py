@@ -3,7 +3,7 @@
 The head gets its own temp dir and ports on 127.0.0.1 (other Ray instances run on this machine)
 and is stopped by killing its process session, never with `ray stop`, which stops every Ray of
 this user. The venv's bin is removed from PATH first: the README's commands must work without an
-activated venv. The pipeline job runs the quick preset `--until pca` (synth, ingest, embed, pca:
+activated venv. The pipeline job runs the quick preset's data half (synth, ingest, embed, pca:
 the stages that exercise Ray and MLflow, in a few minutes on 2 cores; training adds nothing new
 to how a job runs).
 """
@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.test_runner import DATA_HALF
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +131,9 @@ def test_pipeline_job_succeeds_with_outputs_mlflow_runs_and_readable_progress(he
 
     storage = tmp_path / "u1"
     submitted = ray_job("submit", "--address", head, "--working-dir", ".", "--submission-id", "unclip-quick-ok", "--",
-                        "unclip", "run", "pipelines/configs/quick.yaml", "--storage", storage, "--until", "pca", "--set", "progress=true")
+                        "unclip", "run", "pipelines/configs/quick.yaml", "--storage", storage, *DATA_HALF, "--set", "synth.n=120",
+                        "--set", "ingest.shard_size=50",
+                        "--set", "progress=true")
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     assert job_status(head, "unclip-quick-ok") == "SUCCEEDED"
 

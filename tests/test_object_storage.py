@@ -20,7 +20,7 @@ from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from pipelines.dag import Stage
 from pipelines.object_store import ObjectStore, ObjectStoreError
-from tests.test_runner import QUICK, unclip
+from tests.test_runner import DATA_HALF, QUICK, unclip
 
 
 def free_port() -> int:
@@ -77,7 +77,7 @@ def store_files(uri: str) -> set[str]:
 
 def test_quick_pipeline_on_s3_and_resume_from_a_fresh_mirror(bucket, tmp_path, monkeypatch):
     uri = f"s3://{bucket}/run"
-    args = ("run", QUICK, "--storage", uri, "--set", "synth.n=30", "--set", "pca.kept_dims=16", "--until", "pca")
+    args = ("run", QUICK, "--storage", uri, *DATA_HALF, "--set", "synth.n=30", "--set", "pca.kept_dims=16")
     first = unclip(*args, cwd=tmp_path)
     for stage in ("synth", "ingest", "embed", "pca"):
         assert f"✓  {stage}" in first.stderr

@@ -15,10 +15,11 @@ import yaml
 from tests.bad_web import image_server
 from tests.test_runner import QUICK, unclip
 
-SHARD = 50  # quick.yaml's ingest.shard_size: the first run fills shards 0 and 1, each new list one more
-# no upsampler (its warm start is the same loop as the others'), 4 steps a stage: minutes, not tens
-SMALL = ["stages=[synth, ingest, embed, pca, train_prior, train_decoder, evaluate, register]", "synth.n=100",
-         "evaluate.real_images=64", "register.smoke_test=false",
+SHARD = 50  # ingest.shard_size below: the first run fills shards 0 and 1, each new list one more
+# no train_clip (a random CLIP) and no upsampler (its warm start is the same loop as the others'),
+# 4 steps a stage: minutes, not tens
+SMALL = ["stages=[synth, ingest, embed, pca, train_prior, train_decoder, evaluate, register]", "embed.clip_from=config", "synth.n=100", "ingest.shard_size=50",
+         "evaluate.real_images=64", "evaluate.num_prompts=6", "register.smoke_test=false",
          *(f"{stage}.{key}={value}" for stage in ("train_prior", "train_decoder")
            for key, value in (("steps", 4), ("checkpoint_every", 2), ("log_every", 2), ("warmup_steps", 1)))]
 
