@@ -17,6 +17,7 @@ from typing import Callable
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
 from pipelines.object_store import MIRROR_ENV, is_remote, local_mirror, local_storage, store_problems
 from tasks import embed, evaluate, ingest, train_upsampler, training
+from tasks.context import one_line
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent
 STAGE_CHECKS: dict[str, Callable[..., list[str]]] = {
@@ -148,13 +149,6 @@ def ray_problems(cfg: PipelineConfig) -> list[str]:
     except OSError as e:
         return [f"{key} {address}: nothing answers at {host}:{port} ({one_line(e)}); start the cluster, or unset {key} to run locally"]
     return []
-
-
-def one_line(error: BaseException) -> str:
-    """The error's type and first line; for a failed connection, just the OS's reason."""
-    text = str(error).strip()
-    reason = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
-    return f"{type(error).__name__}: {reason.group(0) if reason else (text.splitlines() or [''])[0]}"[:300]
 
 
 def _exists(path: Path) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from pipelines.config import ConfigError
-from tasks.context import MANIFEST
+from tasks.context import MANIFEST, one_line
 
 MIRROR_ENV = "UNCLIP_LOCAL_MIRROR"
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -94,12 +94,12 @@ class ObjectStore:
             if "Unrecognized filesystem type" in str(e):
                 raise ConfigError(f"storage {uri}: pyarrow has no file system for {scheme}:// URIs; use s3://bucket/path, "
                                   "gs://bucket/path (or another URI pyarrow.fs knows) or a local directory with --storage") from None
-            raise ConfigError(f"storage {uri}: cannot open it ({_one_line(e)}); {credentials_fix(uri)}") from None
+            raise ConfigError(f"storage {uri}: cannot open it ({one_line(e)}); {credentials_fix(uri)}") from None
         store = cls(uri, fs, root)
         try:
             info = fs.get_file_info(store.root)
         except Exception as e:
-            raise ConfigError(f"storage {uri}: cannot reach the store ({_one_line(e)}); check that it is up and the "
+            raise ConfigError(f"storage {uri}: cannot reach the store ({one_line(e)}); check that it is up and the "
                               f"bucket exists; {credentials_fix(uri)}") from None
         if info.type == pafs.FileType.File:
             raise ConfigError(f"storage {uri}: is an object (a file), not a folder; pass a folder URI with --storage")
@@ -113,7 +113,7 @@ class ObjectStore:
                 f.write(b"ok")
             self.fs.delete_file(probe)
         except Exception as e:
-            raise ConfigError(f"storage {self.uri}: cannot write there ({_one_line(e)}); create the bucket or pick "
+            raise ConfigError(f"storage {self.uri}: cannot write there ({one_line(e)}); create the bucket or pick "
                               f"a writable one; {credentials_fix(self.uri)}") from None
 
     def path(self, *parts: str) -> str:
@@ -129,7 +129,7 @@ class ObjectStore:
         except ValueError:  # unreadable manifest: the stage is not finished
             return None
         except OSError as e:
-            raise ObjectStoreError(f"storage {self.uri}: cannot read {stage}/{MANIFEST} ({_one_line(e)})") from None
+            raise ObjectStoreError(f"storage {self.uri}: cannot read {stage}/{MANIFEST} ({one_line(e)})") from None
 
     def pull(self, stage: str, local_dir: Path) -> None:
         """Make `local_dir` a copy of the stage's finished output in the store (unless it is one already).
@@ -145,7 +145,7 @@ class ObjectStore:
         try:
             pafs.copy_files(self.path(stage), str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         except OSError as e:
-            raise ObjectStoreError(f"storage {self.uri}: downloading {stage}/ failed ({_one_line(e)})") from None
+            raise ObjectStoreError(f"storage {self.uri}: downloading {stage}/ failed ({one_line(e)})") from None
         if _local_manifest(tmp) != remote:  # republished meanwhile: what we have is not that manifest's output
             raise ObjectStoreError(f"storage {self.uri}: {stage}/ changed while it was downloaded; run again")
         shutil.rmtree(local_dir, ignore_errors=True)
@@ -170,7 +170,7 @@ class ObjectStore:
                     self.fs.delete_file(self.path(stage, name))
             self._write_and_verify(f"{stage}/{MANIFEST}", manifest)
         except OSError as e:
-            raise ObjectStoreError(f"storage {self.uri}: uploading {stage}/ failed ({_one_line(e)}); it has no "
+            raise ObjectStoreError(f"storage {self.uri}: uploading {stage}/ failed ({one_line(e)}); it has no "
                                    f"{MANIFEST} there, so the next run redoes it") from None
 
     def write_text(self, relpath: str, text: str) -> None:
@@ -178,7 +178,7 @@ class ObjectStore:
         try:
             self._write_and_verify(relpath, text)
         except OSError as e:
-            raise ObjectStoreError(f"storage {self.uri}: writing {relpath} failed ({_one_line(e)})") from None
+            raise ObjectStoreError(f"storage {self.uri}: writing {relpath} failed ({one_line(e)})") from None
 
     def _write_and_verify(self, relpath: str, text: str) -> None:
         """The write is only trusted once the store returns what was written."""
@@ -195,8 +195,3 @@ def _local_manifest(local_dir: Path) -> dict[str, Any] | None:
         return json.loads((local_dir / MANIFEST).read_text())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:300]

@@ -76,6 +76,7 @@ def with_added_url_lists(cfg: PipelineConfig) -> PipelineConfig:
 
 def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
     """The list files `--new-urls` names: each file, and each folder's *.<input_format> files."""
+    from tasks.context import one_line
     from tasks.ingest import url_list_files as files_at
 
     found = []
@@ -83,10 +84,11 @@ def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
         try:
             fs, files = files_at(url_list, input_format)
         except Exception as e:  # no credentials, no network: the reason, in one line
-            raise ConfigError(f"--new-urls {url_list}: cannot be listed ({type(e).__name__}: {e}); check the path and your access to it") from None
+            raise ConfigError(f"--new-urls {url_list}: cannot be listed ({one_line(e)}); check the path and your access to it") from None
         if files is None:
             raise ConfigError(f"--new-urls {url_list} does not exist; give an existing URL list file or folder")
-        found += [f if fs.unstrip_protocol(f) == f"file://{f}" else fs.unstrip_protocol(f) for f in files]
+        local = "file" in fs.protocol  # local paths stay paths; remote ones keep their scheme (s3://...)
+        found += files if local else [fs.unstrip_protocol(f) for f in files]
     return found
 
 

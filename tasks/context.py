@@ -7,6 +7,7 @@ manifest and to the stage's MLflow child run, which is the active run while `run
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,3 +38,11 @@ class StageContext:
         if stage not in self.inputs:
             raise KeyError(f"stage {self.name!r} needs the output of {stage!r}, which this run does not provide")
         return self.inputs[stage]
+
+
+def one_line(error: BaseException) -> str:
+    """An error for a one-line message: its type and first line; for a failed connection, just
+    the OS's reason."""
+    text = str(error).strip()
+    reason = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return f"{type(error).__name__}: {reason.group(0) if reason else (text.splitlines() or [''])[0]}"[:300]

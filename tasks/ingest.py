@@ -24,7 +24,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.context import APPENDED_INPUT, EXECUTION_ONLY, StageContext
+from tasks.context import APPENDED_INPUT, EXECUTION_ONLY, StageContext, one_line
 from tasks.http_server import serve_directory
 
 SYNTH_COLUMNS = ["id", "split", "objects"]  # carried from the synth captions into each sample's json
@@ -231,7 +231,7 @@ def check_url_list(cfg: IngestConfig, key: str) -> list[str]:
     try:
         fs, files = url_list_files(url_list, fmt)
     except Exception as e:  # no s3fs, no credentials, no network: the reason, in one line
-        return [f"{key}: cannot be listed ({_one_line(e)}); check the path and your access to it"]
+        return [f"{key}: cannot be listed ({one_line(e)}); check the path and your access to it"]
     if files is None:
         return [f"{key} does not exist; set ingest.url_list to an existing file or folder (local or s3://...)"]
     if not files:
@@ -241,7 +241,7 @@ def check_url_list(cfg: IngestConfig, key: str) -> list[str]:
     except Exception as e:
         suffix = files[0].rsplit(".", 1)[-1].lower()
         hint = f"; it looks like {suffix}: set ingest.input_format={suffix}" if suffix in ("parquet", "csv", "tsv", "json", "txt") and suffix != fmt else ""
-        return [f"{key}: cannot be read as {fmt} ({_one_line(e)}){hint}"]
+        return [f"{key}: cannot be read as {fmt} ({one_line(e)}){hint}"]
     wanted = {"ingest.url_col": [cfg.url_col], "ingest.caption_col": [cfg.caption_col], "ingest.additional_columns": cfg.additional_columns}
     missing = [f"{name!r} ({option})" for option, names in wanted.items() for name in names if columns is not None and name not in columns]
     if missing:
@@ -274,11 +274,6 @@ def _columns(fs, file: str, input_format: str) -> list[str] | None:
         if input_format in ("csv", "tsv"):
             return list(pd.read_csv(f, sep="," if input_format == "csv" else "\t", nrows=0).columns)
     return None
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _count_rows(url_list: str, input_format: str) -> int:

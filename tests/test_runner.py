@@ -91,10 +91,10 @@ def test_quick_preset_end_to_end_meets_its_bars(tmp_path):
     stages = yaml.safe_load(QUICK.read_text())["stages"]
     assert all(f"✓  {stage}" in result.stderr for stage in stages), result.stderr[-3000:]
     bars = json.loads((storage / "evaluate" / "bars.json").read_text())
-    assert {b["bar"] for b in bars} >= {"heldout/one_object_colour_acc >= 0.5", "heldout/one_object_colour_acc_base >= 0.5"}
+    assert {b["bar"] for b in bars} >= {"heldout/one_object_colour_acc >= 0.4", "heldout/one_object_colour_acc_base >= 0.4"}
     assert all(b["passed"] for b in bars), bars
     metrics = json.loads((storage / "evaluate" / "metrics.json").read_text())
-    assert metrics["heldout/one_object_prompts"] >= 8  # enough prompts that 50% is not luck (chance: 1 in 6)
+    assert metrics["heldout/one_object_prompts"] >= 10  # enough prompts that 40% is not luck (chance: 1 in 6)
     assert f"report: {storage}/evaluate/report.html" in result.stderr and (storage / "evaluate" / "report.html").is_file()
     assert f"quality bars: {len(bars)} of {len(bars)} met" in result.stderr
     assert f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}/mlflow.db" in result.stderr
