@@ -22,7 +22,8 @@ from tasks.grids import to_uint8
 
 @dataclass
 class Settings:
-    steps: int  # decoder DDIM steps (inversion and decoding)
+    steps: int  # decoder DDIM steps of the variations and interpolations
+    inversion_steps: int  # DDIM inversion's error shrinks with its step count (the reconstruction uses as many)
     upsampler_steps: int
     images: int = 8  # held-out images inverted and varied
     variations: int = 4  # eta = 1 variations per image
@@ -83,8 +84,8 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     generator = torch.Generator(device=device).manual_seed(0)
     common = dict(steps=settings.steps, guidance_scale=settings.guidance)
 
-    x_T = unclip.invert(x0, z, **common)
-    exact = Stage(steps=settings.steps, sampler="ddim", eta=0.0, guidance_scale=settings.guidance, clip_sample=None)
+    x_T = unclip.invert(x0, z, steps=settings.inversion_steps, guidance_scale=settings.guidance)
+    exact = Stage(steps=settings.inversion_steps, sampler="ddim", eta=0.0, guidance_scale=settings.guidance, clip_sample=None)
     rebuilt = unclip.decode(z, decoder=exact, x_T=x_T, upsample=False)
     target = to_uint8(downsample_to(x0, size) if x0.shape[-1] != size else x0)  # what invert() saw
     metrics = {"inversion_psnr": float(psnr(to_uint8(rebuilt), target).mean())}
