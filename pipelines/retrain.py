@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, PipelineConfig
+from tasks.context import one_line
 
 STATE = "retrain.json"  # under <storage>/_pipeline/
 URLS_DIR = "urls"
@@ -76,7 +77,6 @@ def with_added_url_lists(cfg: PipelineConfig) -> PipelineConfig:
 
 def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
     """The list files `--new-urls` names: each file, and each folder's *.<input_format> files."""
-    from tasks.context import one_line
     from tasks.ingest import url_list_files as files_at
 
     found = []
