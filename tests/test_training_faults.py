@@ -83,7 +83,7 @@ def test_killed_driver_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     storage = tmp_path / "store"
     args = ["run", QUICK, "--storage", storage, "--set", "stages=[synth, ingest, embed, pca, train_prior]",
             "--set", "embed.clip_from=config", "--set", "synth.n=60",
-            "--set", "train_prior.steps=400", "--set", "train_prior.checkpoint_every=20", "--set", "train_prior.batch_size=8"]
+            "--set", "train_prior.steps=400", "--set", "train_prior.checkpoint_every=100", "--set", "train_prior.batch_size=8"]
     first = unclip(*args, cwd=tmp_path, start_new_session=True)
     # Ray Train registers a checkpoint in its snapshot after the directory is written; a kill in
     # between leaves nothing to resume from (a fresh start, which is right but not this test)
