@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.embed import EmbedConfig
 from tasks.evaluate import EvaluateConfig
@@ -87,6 +87,13 @@ class PipelineConfig(BaseModel):
             raise ValueError("train_upsampler2 (the second upsampler) is listed without train_upsampler (the first, "
                              "whose output it upsamples); add train_upsampler to stages")
         return [s for s in STAGE_ORDER if s in stages]  # run order is the DAG's, whatever the listing
+
+    @model_validator(mode="after")
+    def _sample_as_evaluated(self) -> "PipelineConfig":
+        # The registered model draws at the guidance it was measured at, unless the config says otherwise.
+        if self.register.sampling.decoder_guidance is None:
+            self.register.sampling.decoder_guidance = self.evaluate.decoder_guidance
+        return self
 
     def stage_config(self, stage: str) -> BaseModel:
         return getattr(self, stage)

@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
     from tasks.stack import Stack
 
-# Karlo's published settings, as the served model's defaults (tasks.serving): prior 25 steps,
-# guidance 4; decoder 50 steps, guidance 8 (sample only); super-resolution 7 steps.
-PRIOR_STEPS, PRIOR_GUIDANCE = 25, 4.0
-DEFAULT_STEPS = 50  # decoder DDIM steps
-UPSAMPLER_STEPS = 7
+# `sample`'s settings when the model records none (tasks.stack.recorded_sampling): Karlo's published
+# ones, as the served model's (tasks.serving). Decoder guidance 8 suits Karlo's 3.5B-parameter decoder.
+KARLO_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
+                  "upsampler_steps": 7}
+DEFAULT_STEPS = KARLO_SAMPLING["decoder_steps"]  # the image commands' decoder DDIM steps
+UPSAMPLER_STEPS = KARLO_SAMPLING["upsampler_steps"]
+RECORDED = "default: the model's register.sampling, else Karlo's"
 
 
 class UsageError(Exception):
@@ -44,7 +46,7 @@ Out = Annotated[Path, typer.Option("--out", help="PNG file to write")]
 Seed = Annotated[int, typer.Option(help="random seed (same seed and batch size: same images)")]
 BatchSize = Annotated[int, typer.Option(min=1, help="images decoded at once")]
 DecoderSteps = Annotated[int, typer.Option(min=1, help="decoder DDIM steps (also the inversion's)")]
-DecoderGuidance = Annotated[Optional[float], typer.Option(min=0, help="decoder classifier-free guidance (default: 8 for sample, as Karlo; 1 for the image commands, so that DDIM inversion reconstructs)")]
+DecoderGuidance = Annotated[Optional[float], typer.Option(min=0, help="decoder classifier-free guidance (default: 1, so that DDIM inversion reconstructs)")]
 UpsamplerSteps = Annotated[int, typer.Option(min=1, help="upsampler DDIM steps")]
 Device = Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available, else cpu)")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking/registry URI for models:/ URIs (default: MLFLOW_TRACKING_URI)")]
@@ -82,27 +84,31 @@ def sample(
     n: Annotated[int, typer.Option(min=1, help="images per prompt")] = 4,
     seed: Seed = 0,
     batch_size: BatchSize = 16,
-    prior_steps: Annotated[Optional[int], typer.Option(min=1, help="diffusion prior DDIM steps (default: 25, as Karlo; the AR prior has none)")] = None,
-    prior_guidance: Annotated[float, typer.Option(min=0, help="prior classifier-free guidance (Karlo: 4)")] = PRIOR_GUIDANCE,
-    decoder_steps: DecoderSteps = DEFAULT_STEPS,
-    decoder_guidance: DecoderGuidance = None,
-    upsampler_steps: UpsamplerSteps = UPSAMPLER_STEPS,
+    prior_steps: Annotated[Optional[int], typer.Option(min=1, help=f"diffusion prior DDIM steps ({RECORDED}: 25; the AR prior has none)")] = None,
+    prior_guidance: Annotated[Optional[float], typer.Option(min=0, help=f"prior classifier-free guidance ({RECORDED}: 4)")] = None,
+    decoder_steps: Annotated[Optional[int], typer.Option(min=1, help=f"decoder DDIM steps ({RECORDED}: 50)")] = None,
+    decoder_guidance: Annotated[Optional[float], typer.Option(min=0, help=f"decoder classifier-free guidance ({RECORDED}: 8; a pipeline run records the guidance its evaluate stage used)")] = None,
+    upsampler_steps: Annotated[Optional[int], typer.Option(min=1, help=f"upsampler DDIM steps ({RECORDED}: 7)")] = None,
     device: Device = None,
     tracking_uri: TrackingUri = None,
     progress: Progress = True,
 ) -> None:
-    """Text to images: prior -> decoder -> upsampler, n images per prompt."""
+    """Text to images: prior -> decoder -> upsampler, n images per prompt, with the model's recorded
+    sampling settings (register.sampling) unless the options say otherwise."""
     with _usage_errors():
         prompts = _prompts(prompt, prompt_file)
         _check_out(out)
         with _open_stack(model, device, tracking_uri) as stack:
             import torch
 
-            from models.unclip import DEFAULT_DECODER
+            from models.unclip import Stage
 
-            prior_kwargs = _prior_kwargs(stack, prior_steps, prior_guidance)
-            decoder = _decoder_stage(decoder_steps, decoder_guidance, DEFAULT_DECODER.guidance_scale)
-            ups = _upsampler_stages(stack, upsampler_steps)
+            given = {"prior_steps": prior_steps, "prior_guidance": prior_guidance, "decoder_steps": decoder_steps,
+                     "decoder_guidance": decoder_guidance, "upsampler_steps": upsampler_steps}
+            settings = {**KARLO_SAMPLING, **stack.sampling, **{k: v for k, v in given.items() if v is not None}}
+            prior_kwargs = _prior_kwargs(stack, settings["prior_steps"], settings["prior_guidance"], prior_steps is not None)
+            decoder = Stage(steps=int(settings["decoder_steps"]), guidance_scale=float(settings["decoder_guidance"]))
+            ups = _upsampler_stages(stack, int(settings["upsampler_steps"]))
             generator = _generator(stack, seed)
             captions = [p for p in prompts for _ in range(n)]
             images = []
@@ -319,35 +325,32 @@ def _check_out(out: Path) -> None:
 
 @contextmanager
 def _open_stack(model: str, device: str | None, tracking_uri: str | None) -> Iterator["Stack"]:
-    """The stack behind --model on `device`; a registry model's download is removed after loading."""
+    """The stack behind --model on `device`, with its recorded sampling settings; a registry model's
+    download is removed after loading."""
     import torch
 
-    from tasks.stack import StackError, load_stack_parts, resolve_model
+    from tasks.stack import StackError, load_stack_parts, recorded_sampling, resolve_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="unclip-model-") as tmp:
         try:
-            stack = load_stack_parts(resolve_model(model, tmp, tracking_uri), device=device)
+            parts = resolve_model(model, tmp, tracking_uri)
+            sampling = recorded_sampling(tmp if model.startswith("models:/") else model)
+            stack = load_stack_parts(parts, device=device, sampling=sampling)
         except StackError as e:
             raise UsageError(f"--model {model}: {e}") from None
     with torch.inference_mode():
         yield stack
 
 
-def _prior_kwargs(stack: "Stack", steps: int | None, guidance: float) -> dict:
+def _prior_kwargs(stack: "Stack", steps: int, guidance: float, steps_given: bool) -> dict:
     from models.ar_prior import ARPrior
 
     if isinstance(stack.unclip.prior, ARPrior):
-        if steps is not None:
+        if steps_given:
             raise UsageError("--prior-steps: this model's prior is autoregressive (one token per PCA dimension, no steps); drop the option")
-        return {"guidance_scale": guidance}
-    return {"guidance_scale": guidance, "steps": PRIOR_STEPS if steps is None else steps}
-
-
-def _decoder_stage(steps: int, guidance: float | None, default_guidance: float):
-    from models.unclip import Stage
-
-    return Stage(steps=steps, guidance_scale=default_guidance if guidance is None else guidance)
+        return {"guidance_scale": float(guidance)}
+    return {"guidance_scale": float(guidance), "steps": int(steps)}
 
 
 def _upsampler_stages(stack: "Stack", steps: int) -> list:

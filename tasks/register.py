@@ -50,7 +50,8 @@ class SamplingDefaults(BaseModel):
     prior_steps: int = Field(25, ge=1, description="diffusion prior DDIM steps")
     prior_guidance: float = Field(4.0, ge=0)
     decoder_steps: int = Field(50, ge=1)
-    decoder_guidance: float = Field(8.0, ge=0)
+    decoder_guidance: float | None = Field(None, ge=0, description="default: evaluate.decoder_guidance, the scale the "
+                                           "model was evaluated at (Karlo's 8 is for a 3.5B-parameter decoder)")
     upsampler_steps: int = Field(7, ge=1)
     batch_size: int = Field(16, ge=1, description="prompts drawn at once")
     device: str | None = Field(None, description="default: cuda when available, else cpu")
@@ -167,7 +168,7 @@ def log_stack_model(parts: dict[str, Path | None], cfg: RegisterConfig, workdir:
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         return mlflow.pyfunc.log_model(
             name=name, python_model=serving.__file__, artifacts=artifacts, code_paths=code,
-            pip_requirements=requirements(), signature=serving.signature(), model_config=cfg.sampling.model_dump(),
+            pip_requirements=requirements(), signature=serving.signature(), model_config=cfg.sampling.model_dump(exclude_none=True),
         )
 
 

@@ -14,13 +14,14 @@ registered model's artifacts, tasks.serving), `load_stack` from a storage direct
 `resolve_model` turns the sampling CLI's --model, a storage directory or a registry URI
 (`models:/name@alias`, `models:/name/version`, downloaded), into such a dict; `find_parts` finds
 the parts in a downloaded model: a pyfunc whose artifacts are named after the parts (tasks.register
-logs one), part folders with those names, or a run's storage layout.
+logs one), part folders with those names, or a run's storage layout. `recorded_sampling` reads the
+sampling settings the model was registered or configured with (register.sampling), for the CLI's defaults.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -35,6 +36,10 @@ MARKER = {"clip": "clip_spec.json", "prior": "config.json", "decoder": "config.j
           "upsampler2": "config.json", "pca": "pca.json"}
 
 
+SAMPLING_KEYS = ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "upsampler_steps")
+RUN_CONFIG = Path("_pipeline") / "config.yaml"  # the pipeline config a run wrote (pipelines.runner)
+
+
 class StackError(FileNotFoundError):
     """A storage directory without the parts a command needs; the message says which and how to make them."""
 
@@ -45,6 +50,7 @@ class Stack:
     clip: Any  # models.clip.ClipEncoder (frozen)
     pca: Any | None  # models.pca.PcaBasis
     storage: Path | None = None  # the run's storage, when loaded from one
+    sampling: dict[str, float] = field(default_factory=dict)  # recorded_sampling of its source
 
     @property
     def image_size(self) -> int:
@@ -107,6 +113,28 @@ def _pyfunc_parts(model_dir: Path) -> dict[str, Path | None] | None:
         return None
     found = {name: path for name, path in paths.items() if (path / MARKER[name]).is_file()}
     return _complete(found, f"{model_dir} is an MLflow model with artifacts {sorted(paths)}, but not a complete unCLIP stack")
+
+
+def recorded_sampling(directory: str | os.PathLike) -> dict[str, float]:
+    """{setting: value} of SAMPLING_KEYS that `directory` records: the `register.sampling` of a run's
+    config (`<directory>/_pipeline/config.yaml`), else a pyfunc model's config in it or below
+    (tasks.register sets it from register.sampling); {} when there is neither (bare part folders)."""
+    import yaml
+
+    directory = Path(directory)
+    candidates = [(directory / RUN_CONFIG, ("register", "sampling"))]
+    if not candidates[0][0].is_file():  # a downloaded model, not a run (whose mlruns/ may hold older versions)
+        candidates += [(m, ("flavors", "python_function", "config")) for m in sorted(directory.rglob("MLmodel"))]
+    for path, keys in candidates:
+        try:
+            node = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            return {k: node[k] for k in SAMPLING_KEYS if isinstance(node.get(k), (int, float))}
+    return {}
 
 
 def _complete(found: dict[str, Path], problem: str) -> dict[str, Path | None]:
@@ -172,11 +200,12 @@ def _registry_error(error, uri: str) -> StackError:
 
 def load_stack(storage: str | os.PathLike, device: str = "cpu", which: Literal["ema", "best"] = "ema",
                upsample: bool = True) -> Stack:
-    return load_stack_parts(stack_parts(storage, which), device=device, upsample=upsample, storage=Path(storage))
+    return load_stack_parts(stack_parts(storage, which), device=device, upsample=upsample, storage=Path(storage),
+                            sampling=recorded_sampling(storage))
 
 
 def load_stack_parts(parts: Mapping[str, str | os.PathLike | None], device: str = "cpu", upsample: bool = True,
-                     storage: Path | None = None) -> Stack:
+                     storage: Path | None = None, sampling: dict[str, float] | None = None) -> Stack:
     """The stack from a dict of part directories (keys of PARTS; the upsamplers and pca may be None or absent)."""
     from models import checkpoint
     from models.unclip import UnCLIP, clip_text_encoder
@@ -194,4 +223,4 @@ def load_stack_parts(parts: Mapping[str, str | os.PathLike | None], device: str 
     upsamplers = [checkpoint.load(parts[p], map_location=device).eval() for p in UPSAMPLERS if upsample and parts.get(p)]
     pca = load_pca(parts["pca"]) if parts.get("pca") else None
     unclip = UnCLIP(decoder, prior, upsamplers, text_encoder=clip_text_encoder(clip))
-    return Stack(unclip=unclip, clip=clip, pca=pca, storage=storage)
+    return Stack(unclip=unclip, clip=clip, pca=pca, storage=storage, sampling=dict(sampling or {}))

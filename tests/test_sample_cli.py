@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -144,6 +145,33 @@ def test_same_seed_same_grid_other_seed_other_grid(storage, tmp_path):
     assert draw("a.png", 0) == draw("b.png", 0) != draw("c.png", 1)
 
 
+def test_sample_defaults_to_the_runs_recorded_settings(storage, tmp_path):
+    """Without sampling options, `sample` draws with the run's register.sampling (what the registered
+    model serves; its decoder guidance is evaluate's), not Karlo's settings."""
+    from pipelines.config import validate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for part in ("embed", "pca", "train_prior", "train_decoder", "train_upsampler"):
+        (run / part).symlink_to(storage / part)
+    cfg = validate({"evaluate": {"decoder_guidance": 1.5},
+                    "register": {"sampling": {"prior_steps": 3, "prior_guidance": 2, "decoder_steps": 3, "upsampler_steps": 2}}})
+    (run / "_pipeline").mkdir()
+    (run / "_pipeline" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    drawn = {}
+    for name, model, options in (
+            ("recorded", run, []),
+            ("explicit", storage, ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5,
+                                   "--upsampler-steps", 2]),
+            ("karlo", storage, ["--prior-steps", 3, "--decoder-steps", 3, "--upsampler-steps", 2])):
+        out = tmp_path / f"{name}.png"
+        result = unclip("sample", "--model", model, "--prompt", "a red circle", "--n", 2, "--seed", 0, *options, "--out", out)
+        assert result.exit_code == 0, result.output
+        drawn[name] = grid(out, rows=1, cols=2)
+    assert np.array_equal(drawn["recorded"], drawn["explicit"])
+    assert not np.array_equal(drawn["recorded"], drawn["karlo"])  # guidance 4 and 8 draw other images
+
+
 def test_sample_with_the_autoregressive_prior(ar_storage, tmp_path):
     result = unclip("sample", "--model", ar_storage, "--prompt", "a red circle", "--n", 2, "--prior-guidance", 3, *FAST, "--out", tmp_path / "g.png")
     assert result.exit_code == 0, result.output
@@ -194,10 +222,11 @@ def test_pca_probe(storage, tmp_path):
 
 def test_registry_uri(storage, tmp_path, monkeypatch):
     """The stack logged and registered as the register stage does it (tasks.register): models:/name@alias
-    and models:/name/version both sample; an unknown name or alias is a clear error."""
+    and models:/name/version both sample, by default with the settings registered with them
+    (register.sampling); an unknown name or alias is a clear error."""
     import mlflow
 
-    from tasks.register import RegisterConfig, log_stack_model
+    from tasks.register import RegisterConfig, SamplingDefaults, log_stack_model
     from tasks.stack import stack_parts
 
     monkeypatch.chdir(tmp_path)
@@ -208,16 +237,20 @@ def test_registry_uri(storage, tmp_path, monkeypatch):
         mlflow.set_experiment("sample-cli")
         (tmp_path / "work").mkdir()
         with mlflow.start_run():
-            info = log_stack_model(stack_parts(storage), RegisterConfig(), tmp_path / "work")
+            sampling = SamplingDefaults(prior_steps=3, prior_guidance=2, decoder_steps=3, decoder_guidance=1.5, upsampler_steps=2)
+            info = log_stack_model(stack_parts(storage), RegisterConfig(sampling=sampling), tmp_path / "work")
         version = mlflow.register_model(info.model_uri, "tiny").version
         MlflowClient(uri).set_registered_model_alias("tiny", "champion", version)
     finally:
         mlflow.set_tracking_uri(previous)
+    explicit = ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5, "--upsampler-steps", 2]
+    assert unclip("sample", "--model", storage, "--prompt", "a red circle", "--n", 2, "--seed", 0, *explicit,
+                  "--out", tmp_path / "explicit.png").exit_code == 0
     for model in ("models:/tiny@champion", f"models:/tiny/{version}"):
         out = tmp_path / "g.png"
-        result = unclip("sample", "--model", model, "--tracking-uri", uri, "--prompt", "a red circle", "--n", 2, *FAST, "--out", out)
+        result = unclip("sample", "--model", model, "--tracking-uri", uri, "--prompt", "a red circle", "--n", 2, "--seed", 0, "--out", out)
         assert result.exit_code == 0, result.output
-        grid(out, rows=1, cols=2)
+        assert np.array_equal(grid(out, rows=1, cols=2), grid(tmp_path / "explicit.png", rows=1, cols=2))
         out.unlink()
     for model, reason in (("models:/tiny@nope", "nope"), ("models:/other/1", "other")):
         message = fails("sample", "--model", model, "--tracking-uri", uri, "--prompt", "x", "--out", tmp_path / "g.png")
