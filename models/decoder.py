@@ -46,6 +46,10 @@ from .objective import Field, bernoulli, check_batch, detached, unwrap
 class DecoderConfig:
     image_size: int = 64
     in_channels: int = 3
+    # pixels per side folded into channels before the U-Net (space-to-depth) and unfolded after it:
+    # the U-Net runs at image_size / patch_size on in_channels * patch_size**2 channels, p**2 times
+    # fewer positions for each convolution (as DiT's patches; 1: plain pixels, Karlo's)
+    patch_size: int = 1
     block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 960, 1280])
     layers_per_block: int = 3
     attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
@@ -72,6 +76,9 @@ class DecoderConfig:
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)
         self.attention_resolutions = list(self.attention_resolutions)
+        if self.patch_size < 1 or self.image_size % (self.patch_size * 2 ** (len(self.block_out_channels) - 1)):
+            raise ValueError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size} times "
+                             "2**(len(block_out_channels)-1)")
         res = self.block_resolutions()
         bad = [r for r in self.attention_resolutions if r not in res]
         if bad:
@@ -91,11 +98,10 @@ class DecoderConfig:
         for name in ("image_drop_prob", "text_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(f"image_size={self.image_size} must be divisible by 2**(len(block_out_channels)-1)")
 
     def block_resolutions(self) -> list[int]:
-        return [self.image_size // 2**i for i in range(len(self.block_out_channels))]
+        """The U-Net's resolution at each level (after folding patches into channels)."""
+        return [self.image_size // self.patch_size // 2**i for i in range(len(self.block_out_channels))]
 
     @property
     def time_embed_dim(self) -> int:
@@ -141,8 +147,8 @@ def unet_kwargs(cfg: DecoderConfig) -> dict:
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)]
     return dict(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels * (2 if cfg.learned_variance else 1),
+        sample_size=cfg.image_size // cfg.patch_size, in_channels=cfg.in_channels * cfg.patch_size**2,
+        out_channels=cfg.in_channels * (2 if cfg.learned_variance else 1) * cfg.patch_size**2,
         down_block_types=tuple(down), up_block_types=tuple(up), block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
@@ -346,7 +352,15 @@ class Decoder(nn.Module):
             if text_mask.shape != text_states.shape[:2]:
                 raise ValueError(f"text_mask has shape {tuple(text_mask.shape)}, expected {tuple(text_states.shape[:2])}")
             mask = F.pad(text_mask.bool(), (cfg.clip_extra_context_tokens, 0), value=True)
-        return self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
+            if mask.shape[1] in {r * r for r in cfg.block_resolutions()}:
+                # diffusers' added-KV attention extends the mask over the image's own keys only when
+                # the context is not as long as the image (H*W): one more masked token keeps them apart
+                context, mask = F.pad(context, (0, 0, 0, 1)), F.pad(mask, (0, 1), value=False)
+        p = cfg.patch_size
+        if p > 1:
+            x = F.pixel_unshuffle(x, p)
+        out = self.unet(x, t, encoder_hidden_states=context, class_labels=time_add, attention_mask=mask).sample
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
     @torch.no_grad()
     def set_null_condition(self, text_emb: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor | None = None):

@@ -45,6 +45,32 @@ def test_shapes_and_optional_caption():
         m(x, t, zi, zt, states[..., :7])
 
 
+def test_patches_fold_into_channels():
+    """patch_size 2: the U-Net runs at half the resolution on 4x the channels; the decoder still
+    maps images to images (and learned variance to twice the channels)."""
+    cfg = dataclasses.replace(TINY, patch_size=2)
+    x, zi, zt, states = batch()
+    t = torch.tensor([0, 500, 999])
+    m = make(cfg)
+    assert (m.unet.config.sample_size, m.unet.config.in_channels) == (8, 12)
+    assert m(x, t, zi, zt, states).shape == x.shape
+    assert make(dataclasses.replace(cfg, learned_variance=True))(x, t, zi).shape == (3, 6, 16, 16)
+    with pytest.raises(ValueError, match="patch_size"):
+        dataclasses.replace(TINY, patch_size=3)
+
+
+def test_a_caption_as_long_as_the_image_is_masked_right():
+    """The mid block attends at 8x8 = 64 positions; a context of 64 tokens (4 from z_i + a 60-token
+    caption) once crashed diffusers' mask padding. Padding tokens, masked out, change nothing."""
+    m = make()
+    x, zi, zt, states = batch(L=60)
+    t = torch.tensor([0, 500, 999])
+    mask = torch.ones(3, 60, dtype=torch.bool)
+    mask[0, 30:] = False
+    padded_states, padded_mask = torch.nn.functional.pad(states, (0, 0, 0, 1)), torch.nn.functional.pad(mask, (0, 1))
+    torch.testing.assert_close(m(x, t, zi, zt, states, mask), m(x, t, zi, zt, padded_states, padded_mask))
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="attention_resolutions"):
         DecoderConfig(image_size=32, block_out_channels=[32, 64], attention_resolutions=[4], norm_num_groups=8)
@@ -144,10 +170,11 @@ def test_guidance_one_equals_conditional_sample():
     assert not torch.allclose(a, b)
 
 
-def test_loss_falls_and_overfits_four_images():
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_loss_falls_and_overfits_four_images(patch_size):
     """x0-prediction decoder, no dropout: 150 steps make a DDIM sample reproduce each training
-    image from its z_i (and not the others)."""
-    cfg = dataclasses.replace(TINY, prediction_type="sample", image_drop_prob=0.0, text_drop_prob=0.0)
+    image from its z_i (and not the others), on pixels or on 2x2 patches."""
+    cfg = dataclasses.replace(TINY, prediction_type="sample", image_drop_prob=0.0, text_drop_prob=0.0, patch_size=patch_size)
     m = make(cfg).train()
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     imgs = torch.stack([
