@@ -72,6 +72,9 @@ def decoder_to_diffusers(decoder: Decoder, clip_sample: float | None = 1.0):
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # no transformers needed
 
     c = decoder.config
+    if c.patch_size != 1:
+        raise ValueError(f"DecoderConfig.patch_size={c.patch_size}: UnCLIPPipeline's decoder U-Net works on pixels "
+                         "(patch_size 1)")
     if c.text_dim != c.embed_dim:
         raise ValueError(f"DecoderConfig.text_dim={c.text_dim} != embed_dim={c.embed_dim}: diffusers' "
                          "UnCLIPTextProjModel projects caption states of the embedding's width")

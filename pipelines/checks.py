@@ -16,7 +16,7 @@ from typing import Callable
 
 from pipelines.config import STAGE_ORDER, ConfigError, PipelineConfig
 from pipelines.object_store import MIRROR_ENV, is_remote, local_mirror, local_storage, store_problems
-from tasks import embed, evaluate, ingest, train_upsampler, training
+from tasks import embed, evaluate, ingest, training
 from tasks.context import one_line
 
 # stage -> check_inputs(stage_config, storage) -> problems; stages without files to check are absent

@@ -192,6 +192,8 @@ def test_export_refuses_what_diffusers_cannot_hold():
         prior_to_diffusers(prior_mod.DiffusionPrior(dataclasses.replace(PRIOR, text_dim=16)))
     with pytest.raises(ValueError, match="v_prediction"):
         decoder_to_diffusers(dec.Decoder(dataclasses.replace(DEC, prediction_type="v_prediction")))
+    with pytest.raises(ValueError, match="patch_size"):
+        decoder_to_diffusers(dec.Decoder(dataclasses.replace(DEC, patch_size=2)))
     with pytest.raises(ValueError, match="noise_aug_max"):
         upsampler_to_diffusers(ups.Upsampler(dataclasses.replace(UP, noise_aug_max=0.2)))
     with pytest.raises(ValueError, match="cosine"):

@@ -17,8 +17,16 @@ from PIL import Image
 from tests.bad_web import image_server, jpeg_bytes
 
 QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
-# quick.yaml's data half, embedded by the random tiny CLIP its embed config names (no train_clip)
-DATA_HALF = ("--set", "stages=[synth, ingest, embed, pca]", "--set", "embed.clip_from=config")
+
+
+def data_half(*then: str) -> tuple[str, ...]:
+    """--set options for quick.yaml's data half, embedded by the random tiny CLIP its embed config
+    names (no train_clip), then the stages `then`."""
+    stages = ", ".join(("synth", "ingest", "embed", "pca", *then))
+    return ("--set", f"stages=[{stages}]", "--set", "embed.clip_from=config")
+
+
+DATA_HALF = data_half()
 
 
 def unclip(*args, cwd, check=True, **popen):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import train_prior
-from tests.test_runner import QUICK, unclip
+from tests.test_runner import QUICK, data_half, unclip
 from tests.train_helpers import Inputs, metric_history, run_stage, train_inputs  # noqa: F401  (fixture)
 
 
@@ -81,8 +81,7 @@ def test_nan_rows_are_skipped_and_counted(train_inputs, tmp_path):
 @pytest.mark.slow
 def test_killed_driver_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     storage = tmp_path / "store"
-    args = ["run", QUICK, "--storage", storage, "--set", "stages=[synth, ingest, embed, pca, train_prior]",
-            "--set", "embed.clip_from=config", "--set", "synth.n=60",
+    args = ["run", QUICK, "--storage", storage, *data_half("train_prior"), "--set", "synth.n=60",
             "--set", "train_prior.steps=400", "--set", "train_prior.checkpoint_every=100", "--set", "train_prior.batch_size=8"]
     first = unclip(*args, cwd=tmp_path, start_new_session=True)
     # Ray Train registers a checkpoint in its snapshot after the directory is written; a kill in
