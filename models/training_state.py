@@ -87,17 +87,26 @@ class EMA:
         self.num_updates += 1
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+class WarmupCosine:
     """LR factor (step + 1) / warmup_steps for the first warmup_steps steps (linear up to the peak,
-    never 0), then a cosine from 1 down to min_lr_ratio at total_steps, constant after."""
+    never 0), then a cosine from 1 down to min_lr_ratio at total_steps, constant after.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    A callable object rather than a closure: LambdaLR saves and restores its attributes, so a
+    total_steps refit during training (a wall-time budget, tasks.training) survives a resume."""
 
-    return LambdaLR(optimizer, factor)
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+    """LambdaLR with a `WarmupCosine` factor; `lr_lambdas[0].total_steps` may be changed later."""
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
 
 
 def save_training_state(directory: str | Path, *, network: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,

@@ -56,6 +56,10 @@ class TrainConfig(BaseModel):
                                   "(its `<stage>/ema/`), a diffusers directory, or a registry URI "
                                   "(models:/name@alias, models:/name/version) of a stack with this stage's part")
     steps: int = Field(1000, ge=1, description="optimizer steps")
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-time budget of the steps (start-up and data read excluded): train as many of "
+        "`steps` as fit, planned from the time the steps so far took, and end the LR cosine at the planned step; "
+        "None: all `steps`")
     start_step: int = Field(0, ge=0, description="the step count init_from's weights were trained to: a warm start "
                             "counts on from it, to start_step + steps (unclip retrain sets it from the champion)")
     batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")
@@ -466,6 +470,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
     # counted, and does not become the stage's reported loss.
     window_start, window_samples, window_losses, good_metrics = time.perf_counter(), 0, [], {}
+    budget = StepBudget(cfg.max_minutes, step, end, float(counters.get("train_s", 0.0)))
     progress = _progress(end, step, config) if rank == 0 else None
     while step < end:
         micro = 0
@@ -515,6 +520,8 @@ def train_loop(config: dict[str, Any]) -> None:
             counters["samples"] += cfg.batch_size * cfg.grad_accum * world
             if progress is not None:
                 progress.update(1)
+            if cfg.max_minutes is not None and step % cfg.log_every == 0:
+                end = _replan(budget, step, end, schedule, cfg, rank, progress)
             if step % cfg.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
                 last = {
@@ -530,6 +537,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if logger:
                     logger.metrics(last, step)
             if step % cfg.checkpoint_every == 0 or step == end:
+                counters["train_s"] = budget.elapsed()
                 report = {**last, "step": step, "skipped_steps": counters["skipped_steps"],
                           "resumed_from_step": counters["resumed_from_step"]}
                 if val_shard is not None and rank == 0:  # rank 0's metrics score the checkpoint
@@ -567,6 +575,27 @@ def train_loop(config: dict[str, Any]) -> None:
         progress.close()
 
 
+class StepBudget:
+    """The end step that fits a wall-time budget (TrainConfig.max_minutes), re-planned every time
+    `plan` is called from the mean time of the steps taken so far (checkpoints included), never
+    past `end`. Steps taken before a resume count with the seconds they took (`spent`)."""
+
+    def __init__(self, minutes: float | None, step: int, end: int, spent: float = 0.0):
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.end, self.spent = end, spent
+        self.first_step, self.started = step, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.spent + time.perf_counter() - self.started
+
+    def plan(self, step: int) -> int:
+        if self.seconds is None or step <= self.first_step:
+            return self.end
+        per_step = (time.perf_counter() - self.started) / (step - self.first_step)
+        fits = step + int(max(0.0, self.seconds - self.elapsed()) / per_step)
+        return max(step, min(self.end, fits))
+
+
 class _HeldState:
     """Stands for an optimizer or LR schedule in models.training_state: holds the state it is given."""
 
@@ -578,6 +607,26 @@ class _HeldState:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
+
+
+def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig, rank: int, progress) -> int:
+    """The end step the time budget allows now (rank 0's plan on every rank), with the LR cosine
+    refit to end there."""
+    import torch
+    import torch.distributed as dist
+
+    planned = torch.tensor(budget.plan(step))
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(planned, src=0)
+    planned = int(planned)
+    if planned != end:
+        schedule.lr_lambdas[0].total_steps = planned - cfg.start_step
+        if progress is not None:
+            progress.total = planned
+        if rank == 0 and end == budget.end:  # the first cut
+            print(f"max_minutes={cfg.max_minutes}: {planned - step} more steps fit, to step {planned} of "
+                  f"{budget.end}", flush=True)
+    return planned
 
 
 def _fsdp(network, device):

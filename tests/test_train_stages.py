@@ -1,6 +1,8 @@
 """train_decoder, train_upsampler and train_clip on real Ray Train (2 workers), real MLflow, real
 shards and a real embedded table; and the loop's data parallelism against one worker."""
 
+import json
+
 import mlflow
 import pytest
 import torch
@@ -49,6 +51,35 @@ def test_stage_trains_logs_and_exports(module, cfg, name, kind, train_inputs, tm
         ema = checkpoint.load(tmp_path / name / "ema")
         tokens = encoder.tokenize(["a small red circle"])
         torch.testing.assert_close(encoder.encode_text(tokens), ema.encoder().encode_text(tokens))
+
+
+def test_step_budget_plans_the_steps_that_fit_from_the_time_taken(monkeypatch):
+    from tasks import training
+
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    budget = training.StepBudget(minutes=1, step=0, end=1000, spent=0.0)
+    clock[0] += 10  # 10 steps at 1 s: 50 s left, 50 more steps
+    assert budget.plan(10) == 60
+    clock[0] += 40  # slower: 40 s for 10 steps (50 s for 20), 10 s left at 2.5 s a step
+    assert budget.plan(20) == 24
+    clock[0] += 100  # over the budget: stop here
+    assert budget.plan(30) == 30
+    resumed = training.StepBudget(minutes=1, step=500, end=1000, spent=30.0)  # 30 s spent before a resume
+    clock[0] += 10
+    assert resumed.plan(510) == 530
+    assert training.StepBudget(minutes=60, step=0, end=1000).plan(0) == 1000
+    assert training.StepBudget(minutes=None, step=0, end=1000).plan(10) == 1000
+
+
+def test_max_minutes_ends_training_where_the_budget_runs_out_with_the_lr_cosine_finished(train_inputs, tmp_path):
+    cfg = train_clip.TrainClipConfig(steps=100_000, max_minutes=0.3, batch_size=16, lr=1e-3, checkpoint_every=10_000,
+                                     **{**FAST, "warmup_steps": 1})
+    counts, run_id, uri = run_stage(train_clip, cfg, train_inputs, tmp_path, "train_clip")
+    assert FAST["log_every"] <= counts["steps"] < cfg.steps
+    assert json.loads((tmp_path / "train_clip" / "training.json").read_text())["step"] == counts["steps"]
+    last_step, last_lr = metric_history(uri, run_id, "lr")[-1]
+    assert last_step == counts["steps"] and last_lr == pytest.approx(cfg.lr * cfg.min_lr_ratio)
 
 
 def test_two_workers_take_the_same_first_step_as_one_worker_with_twice_the_batch(ray_local, tmp_path):

@@ -199,6 +199,19 @@ def test_warmup_cosine_schedule():
     assert lrs[12:] == pytest.approx([0.1] * 4)
 
 
+def test_a_refit_cosine_end_survives_a_saved_and_loaded_state(tmp_path):
+    network = build("prior", "tiny")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
+    lr_scheduler = warmup_cosine(optimizer, 1, 100, 0.1)
+    lr_scheduler.lr_lambdas[0].total_steps = 10  # as a time budget does (tasks.training)
+    save_training_state(tmp_path / "s", network=network, ema=EMA(network), optimizer=optimizer,
+                        lr_scheduler=lr_scheduler, step=0)
+    fresh_optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
+    fresh = warmup_cosine(fresh_optimizer, 1, 100, 0.1)
+    load_training_state(tmp_path / "s", network=network, ema=EMA(network), optimizer=fresh_optimizer, lr_scheduler=fresh)
+    assert fresh.lr_lambdas[0](10) == pytest.approx(0.1)
+
+
 # ----- format and errors -----
 
 def _save_small(directory, network=None, step=3):
