@@ -86,7 +86,7 @@ def plain_loop(kind: str, cfg, ingest: Path, embed: Path, steps: int, threads: i
     batches = module.PriorBatches("cpu", str(embed)) if kind == "prior" else \
         module.DecoderBatches("cpu", str(embed), cfg.use_captions)
     network = sizes.build_from_config(kind, config)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     ema = EMA(network, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
     objective = sizes.objective(kind)

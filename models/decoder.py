@@ -70,6 +70,8 @@ class DecoderConfig:
     prediction_type: str = "epsilon"  # "epsilon" | "sample" | "v_prediction"
     schedule: str = "cosine"
     num_train_timesteps: int = 1000
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; None: the plain MSE on the target)
+    min_snr_gamma: float | None = None
     learned_variance: bool = False  # off by default: the first NaN source under AMP
     vlb_weight: float = 0.001  # Improved DDPM's lambda on L_vlb (summed over t, bits/dim); learned variance only
 
@@ -93,6 +95,8 @@ class DecoderConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r}; allowed: {diffusion.PREDICTION_TYPES}")
         if self.schedule not in diffusion.SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 (or None: no weighting)")
         if self.null_text_len < 1:
             raise ValueError(f"null_text_len={self.null_text_len} must be >= 1")
         for name in ("image_drop_prob", "text_drop_prob"):
@@ -520,7 +524,11 @@ def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator:
                   drop_image, drop_text).float()
     C = x0.shape[1]
     target = diffusion.training_target(sched, x0, noise, t).float()
-    mse = F.mse_loss(out[:, :C], target)
+    if cfg.min_snr_gamma is None:
+        mse = F.mse_loss(out[:, :C], target)
+    else:
+        per_sample = (out[:, :C] - target).pow(2).mean(dim=(1, 2, 3))
+        mse = (diffusion.min_snr_weight(sched, t, cfg.min_snr_gamma) * per_sample).mean()
     if not cfg.learned_variance:
         return mse, detached(loss=mse, mse=mse)
     vlb = model._vlb(sched, out, x0.float(), x_t.float(), t)

@@ -106,6 +106,20 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     raise ValueError(f"prediction_type={kind!r}; allowed: {PREDICTION_TYPES}")
 
 
+def min_snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weight (B,) of the MSE on the scheduler's target that makes it Min-SNR-gamma
+    weighting (Hang et al. 2023): the x0 loss weighted by min(SNR_t, gamma), so the nearly clean
+    timesteps, whose fine detail is cheap, stop outweighing the noisy ones where layout forms.
+    The epsilon loss is SNR times the x0 loss, the v loss (SNR + 1) times."""
+    ab = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float64)[t]
+    snr = ab / (1 - ab)
+    kind = scheduler.config.prediction_type
+    scale = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}.get(kind)
+    if scale is None:
+        raise ValueError(f"prediction_type={kind!r}; allowed: {PREDICTION_TYPES}")
+    return (snr.clamp(max=gamma) / scale).float()
+
+
 def discretized_gaussian_nll(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """-log p(x0) per element (nats) for 8-bit data scaled to [-1, 1] under N(mean, exp(log_var))
     integrated over x0's bin of width 2/255, the outermost bins open-ended (DDPM's decoder, Ho

@@ -452,7 +452,10 @@ def train_loop(config: dict[str, Any]) -> None:
         model = _fsdp(prepare_model(network, parallel_strategy=None), device)
     else:
         model = prepare_model(network)  # DDP when world > 1; the objective calls its forward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    # fused: one kernel for every parameter's update (3x faster than foreach on the demo decoder on
+    # CPU, 27 -> 9 ms a step); not under FSDP, whose sharded flat parameters it was not tried with
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                  fused=not fsdp)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     if checkpoint is not None:
         optimizer.load_state_dict(saved_optimizer.state)

@@ -467,3 +467,22 @@ def test_karlo_layout_samples_as_diffusers_unclip_pipeline(tmp_path):
     state = {k: (v[0] if k == "null_text_states" else v) for k, v in perturb(make()).state_dict().items()}
     old.load_state_dict(state)
     assert torch.equal(old.null_text_states[0], state["null_text_states"])
+
+
+def test_min_snr_loss_weights_each_rows_mse():
+    """The weighted loss is the mean over rows of min_snr_weight times that row's plain MSE (each
+    row's plain loss taken alone, with the same t and noise)."""
+    weighted = make(dataclasses.replace(TINY, prediction_type="v_prediction", min_snr_gamma=5.0)).train()
+    plain = make(dataclasses.replace(TINY, prediction_type="v_prediction")).train()
+    x, zi, zt, states = batch(B=4)
+    g = torch.Generator().manual_seed(2)
+    t, noise = torch.tensor([2, 200, 600, 990]), torch.randn(x.shape, generator=g)
+    rows = {"image": x, "image_emb": zi, "text_emb": zt, "text_states": states, "t": t, "noise": noise,
+            "drop_image": torch.zeros(4, dtype=torch.bool), "drop_text": torch.zeros(4, dtype=torch.bool)}
+    loss, _ = training_loss(weighted, rows)
+    per_row = torch.stack([training_loss(plain, {k: v[i:i + 1] for k, v in rows.items()})[0] for i in range(4)])
+    w = diffusion.min_snr_weight(plain.training_scheduler, t, 5.0)
+    assert w[0] < 0.01 and w[-1] < 1.0  # nearly clean rows count little
+    torch.testing.assert_close(loss, (w * per_row).mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DecoderConfig(min_snr_gamma=0.0)

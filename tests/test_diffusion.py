@@ -265,3 +265,17 @@ def test_training_targets():
     torch.testing.assert_close(D.training_target(sched, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
     sched = D.make_scheduler("ddpm", prediction_type="sample")
     assert torch.equal(D.training_target(sched, x0, noise, t), x0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_matches_diffusers_training_scripts(kind):
+    """diffusers' text-to-image script: min(SNR, gamma), divided by SNR for epsilon and by SNR + 1
+    for v-prediction, SNR from diffusers.training_utils.compute_snr."""
+    from diffusers.training_utils import compute_snr
+
+    sched = D.make_scheduler("ddpm", prediction_type=kind)
+    t = torch.tensor([0, 1, 50, 300, 700, 999])
+    snr = compute_snr(sched, t)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = expected / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+    torch.testing.assert_close(D.min_snr_weight(sched, t, 5.0), expected.float(), rtol=1e-5, atol=1e-7)
