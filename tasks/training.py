@@ -57,9 +57,9 @@ class TrainConfig(BaseModel):
                                   "(models:/name@alias, models:/name/version) of a stack with this stage's part")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     max_minutes: float | None = Field(
-        None, gt=0, description="wall-time budget of the steps (start-up and data read excluded): train as many of "
-        "`steps` as fit, planned from the time the steps so far took, and end the LR cosine at the planned step; "
-        "None: all `steps`")
+        None, gt=0, description="wall-time budget of the training loop (from the first read of the data to the last "
+        "checkpoint; worker start-up excluded): train as many of `steps` as fit, planned from the time the steps "
+        "so far took, and end the LR cosine at the planned step; None: all `steps`")
     start_step: int = Field(0, ge=0, description="the step count init_from's weights were trained to: a warm start "
                             "counts on from it, to start_step + steps (unclip retrain sets it from the champion)")
     batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")

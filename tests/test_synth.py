@@ -3,7 +3,6 @@
 import io
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
