@@ -524,7 +524,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if progress is not None:
                 progress.update(1)
             if cfg.max_minutes is not None and step % cfg.log_every == 0:
-                end = _replan(budget, step, end, schedule, cfg, rank, progress)
+                end = _replan(budget, step, end, schedule, cfg, rank, progress, device)
             if step % cfg.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
                 last = {
@@ -612,13 +612,13 @@ class _HeldState:
         self.state = state
 
 
-def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig, rank: int, progress) -> int:
+def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig, rank: int, progress, device) -> int:
     """The end step the time budget allows now (rank 0's plan on every rank), with the LR cosine
     refit to end there."""
     import torch
     import torch.distributed as dist
 
-    planned = torch.tensor(budget.plan(step))
+    planned = torch.tensor(budget.plan(step), device=device)  # on the device: NCCL broadcasts only CUDA tensors
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(planned, src=0)
     planned = int(planned)
