@@ -48,6 +48,7 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
+    started = time.time()  # a stage's finish_by_minute counts from here
     from pipelines.retrain import with_added_url_lists
 
     remote = is_remote(cfg.storage)
@@ -81,7 +82,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
         mlflow.set_tags({"unclip.storage": store.uri if store else str(storage), "unclip.stages": ",".join(s.name for s in stages)})
         mlflow.log_artifact(str(config_file))
         for stage in stages:
-            results[stage.name] = run_stage(stage, cfg, storage, store)
+            results[stage.name] = run_stage(stage, cfg, storage, store, run_started=started)
         mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
     console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
     if "evaluate" in results:
@@ -126,7 +127,8 @@ def finished_manifest(stage: str, storage: Path, store: ObjectStore | None = Non
     return store.read_manifest(stage) if store else read_manifest(storage / stage)
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectStore | None = None) -> dict[str, Any]:
+def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectStore | None = None,
+              run_started: float | None = None) -> dict[str, Any]:
     out_dir = storage / stage.name
     inputs = {name: storage / name for name in stage.inputs(cfg)}
     input_manifests = {name: finished_manifest(name, storage, store) for name in inputs}
@@ -174,7 +176,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
 
     if stage.needs_ray:
         ensure_ray(cfg)
-    ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed, show_progress=cfg.progress)
+    ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed,
+                       show_progress=cfg.progress, run_started=run_started)
     started = datetime.now(timezone.utc)
     # A stage resumed after a crash continues its own MLflow run (its id is kept in the stage
     # directory); one that grows with its inputs is a new run (its appended inputs are new params).

@@ -33,6 +33,7 @@ class StageContext:
     inputs: dict[str, Path] = field(default_factory=dict)  # upstream stage name -> its out_dir
     seed: int = 0
     show_progress: bool = True  # progress bars on long work
+    run_started: float | None = None  # time.time() when the pipeline run began (None: a stage run alone)
 
     def input(self, stage: str) -> Path:
         if stage not in self.inputs:

@@ -60,6 +60,10 @@ class TrainConfig(BaseModel):
         None, gt=0, description="wall-time budget of the training loop (from the first read of the data to the last "
         "checkpoint; worker start-up excluded): train as many of `steps` as fit, planned from the time the steps "
         "so far took, and end the LR cosine at the planned step; None: all `steps`")
+    finish_by_minute: float | None = Field(
+        None, gt=0, description="end the training loop by this minute of the pipeline run (counted from the start "
+        "of `unclip run`, or of the stage when it runs alone), planned as max_minutes is; with max_minutes, whichever "
+        "ends first. A stage that should take what the stages before it left (the demo's decoder) sets it")
     start_step: int = Field(0, ge=0, description="the step count init_from's weights were trained to: a warm start "
                             "counts on from it, to start_step + steps (unclip retrain sets it from the champion)")
     batch_size: int = Field(64, ge=1, description="rows per worker per micro-step")
@@ -176,15 +180,17 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
     return counts."""
     import mlflow
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if spec.columns:
         train_ds = train_ds.select_columns(spec.columns)
         val_ds = val_ds.select_columns(spec.columns) if val_ds is not None else None
-    # The loop draws its own progress; Ray Data's per-dataset bars would repeat in the log each epoch.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The loop draws its own progress; Ray Data's per-dataset bars would repeat in the log each epoch
+    # and each validation. A dataset keeps the context it was made with, so it is set on each.
+    for ds in (train_ds, val_ds):
+        if ds is not None:
+            ds.context.enable_progress_bars = False
     if cfg.cache_data:
         train_ds = train_ds.materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
@@ -211,6 +217,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "show_progress": ctx.show_progress,
         "interactive": sys.stderr.isatty(),  # the driver's terminal decides: a bar, or log lines (tasks/progress.py)
         "stage": ctx.name,
+        "deadline": None if cfg.finish_by_minute is None else (ctx.run_started or time.time()) + 60 * cfg.finish_by_minute,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -473,7 +480,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
     # counted, and does not become the stage's reported loss.
     window_start, window_samples, window_losses, good_metrics = time.perf_counter(), 0, [], {}
-    budget = StepBudget(cfg.max_minutes, step, end, float(counters.get("train_s", 0.0)))
+    budget = StepBudget(cfg.max_minutes, step, end, float(counters.get("train_s", 0.0)), config["deadline"])
     progress = _progress(end, step, config) if rank == 0 else None
     while step < end:
         micro = 0
@@ -523,7 +530,7 @@ def train_loop(config: dict[str, Any]) -> None:
             counters["samples"] += cfg.batch_size * cfg.grad_accum * world
             if progress is not None:
                 progress.update(1)
-            if cfg.max_minutes is not None and step % cfg.log_every == 0:
+            if (cfg.max_minutes is not None or config["deadline"] is not None) and step % cfg.log_every == 0:
                 end = _replan(budget, step, end, schedule, cfg, rank, progress, device)
             if step % cfg.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
@@ -579,23 +586,27 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 class StepBudget:
-    """The end step that fits a wall-time budget (TrainConfig.max_minutes), re-planned every time
-    `plan` is called from the mean time of the steps taken so far (checkpoints included), never
-    past `end`. Steps taken before a resume count with the seconds they took (`spent`)."""
+    """The end step that fits a wall-time budget (TrainConfig.max_minutes) and a deadline (a
+    time.time(), from finish_by_minute), re-planned every time `plan` is called from the mean time of
+    the steps taken so far (checkpoints included), never past `end`. Steps taken before a resume
+    count against `minutes` with the seconds they took (`spent`)."""
 
-    def __init__(self, minutes: float | None, step: int, end: int, spent: float = 0.0):
+    def __init__(self, minutes: float | None, step: int, end: int, spent: float = 0.0, deadline: float | None = None):
         self.seconds = None if minutes is None else 60.0 * minutes
-        self.end, self.spent = end, spent
+        self.end, self.spent, self.deadline = end, spent, deadline
         self.first_step, self.started = step, time.perf_counter()
 
     def elapsed(self) -> float:
         return self.spent + time.perf_counter() - self.started
 
     def plan(self, step: int) -> int:
-        if self.seconds is None or step <= self.first_step:
+        if (self.seconds is None and self.deadline is None) or step <= self.first_step:
             return self.end
+        left = [self.seconds - self.elapsed()] if self.seconds is not None else []
+        if self.deadline is not None:
+            left.append(self.deadline - time.time())
         per_step = (time.perf_counter() - self.started) / (step - self.first_step)
-        fits = step + int(max(0.0, self.seconds - self.elapsed()) / per_step)
+        fits = step + int(max(0.0, min(left)) / per_step)
         return max(step, min(self.end, fits))
 
 
@@ -627,7 +638,7 @@ def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig,
         if progress is not None:
             progress.total = planned
         if rank == 0 and end == budget.end:  # the first cut
-            print(f"max_minutes={cfg.max_minutes}: {planned - step} more steps fit, to step {planned} of "
+            print(f"time budget: {planned - step} more steps fit, to step {planned} of "
                   f"{budget.end}", flush=True)
     return planned
 

@@ -72,9 +72,26 @@ def test_step_budget_plans_the_steps_that_fit_from_the_time_taken(monkeypatch):
     assert training.StepBudget(minutes=None, step=0, end=1000).plan(10) == 1000
 
 
-def test_max_minutes_ends_training_where_the_budget_runs_out_with_the_lr_cosine_finished(train_inputs, tmp_path):
-    cfg = train_clip.TrainClipConfig(steps=100_000, max_minutes=0.3, batch_size=16, lr=1e-3, checkpoint_every=10_000,
-                                     **{**FAST, "warmup_steps": 1})
+def test_step_budget_ends_by_the_deadline_or_the_minutes_whichever_comes_first(monkeypatch):
+    from tasks import training
+
+    clock = [1000.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
+    by_deadline = training.StepBudget(minutes=None, step=0, end=1000, deadline=clock[0] + 60)
+    by_both = training.StepBudget(minutes=10, step=0, end=1000, deadline=clock[0] + 60)
+    by_minutes = training.StepBudget(minutes=1, step=0, end=1000, deadline=clock[0] + 3600)
+    clock[0] += 10  # 10 steps at 1 s
+    assert by_deadline.plan(10) == by_both.plan(10) == by_minutes.plan(10) == 60
+    resumed = training.StepBudget(minutes=10, step=500, end=1000, spent=590.0, deadline=clock[0] + 600)
+    clock[0] += 5  # 5 steps at 1 s: the 10 minutes end 5 s on, long before the deadline
+    assert resumed.plan(505) == 510
+
+
+@pytest.mark.parametrize("limit", [{"max_minutes": 0.3}, {"finish_by_minute": 0.6}])  # the deadline counts worker start-up too
+def test_a_time_budget_ends_training_where_it_runs_out_with_the_lr_cosine_finished(limit, train_inputs, tmp_path):
+    cfg = train_clip.TrainClipConfig(steps=100_000, batch_size=16, lr=1e-3, checkpoint_every=10_000,
+                                     **{**FAST, "warmup_steps": 1}, **limit)
     counts, run_id, uri = run_stage(train_clip, cfg, train_inputs, tmp_path, "train_clip")
     assert FAST["log_every"] <= counts["steps"] < cfg.steps
     assert json.loads((tmp_path / "train_clip" / "training.json").read_text())["step"] == counts["steps"]
