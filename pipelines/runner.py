@@ -48,8 +48,9 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
-    started = time.time()  # a stage's finish_by_minute counts from here
     from pipelines.retrain import with_added_url_lists
+
+    started = time.time()  # a stage's finish_by_minute counts from here
 
     remote = is_remote(cfg.storage)
     if not remote:  # `unclip retrain` refuses object-store storage, so there is nothing it added

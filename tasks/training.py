@@ -530,7 +530,7 @@ def train_loop(config: dict[str, Any]) -> None:
             counters["samples"] += cfg.batch_size * cfg.grad_accum * world
             if progress is not None:
                 progress.update(1)
-            if (cfg.max_minutes is not None or config["deadline"] is not None) and step % cfg.log_every == 0:
+            if budget.limited and step % cfg.log_every == 0:
                 end = _replan(budget, step, end, schedule, cfg, rank, progress, device)
             if step % cfg.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
@@ -596,17 +596,23 @@ class StepBudget:
         self.end, self.spent, self.deadline = end, spent, deadline
         self.first_step, self.started = step, time.perf_counter()
 
+    @property
+    def limited(self) -> bool:
+        return self.seconds is not None or self.deadline is not None
+
     def elapsed(self) -> float:
         return self.spent + time.perf_counter() - self.started
 
+    def seconds_left(self) -> float:
+        by_minutes = self.seconds - self.elapsed() if self.seconds is not None else math.inf
+        by_deadline = self.deadline - time.time() if self.deadline is not None else math.inf
+        return max(0.0, min(by_minutes, by_deadline))
+
     def plan(self, step: int) -> int:
-        if (self.seconds is None and self.deadline is None) or step <= self.first_step:
+        if not self.limited or step <= self.first_step:
             return self.end
-        left = [self.seconds - self.elapsed()] if self.seconds is not None else []
-        if self.deadline is not None:
-            left.append(self.deadline - time.time())
         per_step = (time.perf_counter() - self.started) / (step - self.first_step)
-        fits = step + int(max(0.0, min(left)) / per_step)
+        fits = step + int(self.seconds_left() / per_step)
         return max(step, min(self.end, fits))
 
 
