@@ -72,6 +72,10 @@ class DecoderConfig:
     num_train_timesteps: int = 1000
     # Min-SNR-gamma loss weighting (Hang et al. 2023; None: the plain MSE on the target)
     min_snr_gamma: float | None = None
+    # training timesteps logit-normal in t / T around sigmoid(mean) (None: uniform): more of the steps
+    # at the noise levels where a small shape's outline forms
+    timestep_logit_mean: float | None = None
+    timestep_logit_std: float = 1.0
     learned_variance: bool = False  # off by default: the first NaN source under AMP
     vlb_weight: float = 0.001  # Improved DDPM's lambda on L_vlb (summed over t, bits/dim); learned variance only
 
@@ -97,6 +101,8 @@ class DecoderConfig:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {tuple(diffusion.SCHEDULES)}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 (or None: no weighting)")
+        if self.timestep_logit_std <= 0:
+            raise ValueError(f"timestep_logit_std={self.timestep_logit_std} must be > 0")
         if self.null_text_len < 1:
             raise ValueError(f"null_text_len={self.null_text_len} must be >= 1")
         for name in ("image_drop_prob", "text_drop_prob"):
@@ -515,7 +521,9 @@ def training_loss(network: nn.Module, batch: dict[str, torch.Tensor], generator:
     x0 = batch["image"]
     B, dev = x0.shape[0], x0.device
     sched = model.training_scheduler
-    t = batch["t"] if "t" in batch else diffusion.sample_timesteps(B, sched, generator, device=dev)
+    t = batch["t"] if "t" in batch else diffusion.sample_timesteps(B, sched, generator, device=dev,
+                                                                   logit_mean=cfg.timestep_logit_mean,
+                                                                   logit_std=cfg.timestep_logit_std)
     noise = batch["noise"] if "noise" in batch else diffusion.randn(x0.shape, generator, device=dev, dtype=x0.dtype)
     drop_image = batch["drop_image"] if "drop_image" in batch else bernoulli(cfg.image_drop_prob, B, generator, dev)
     drop_text = batch["drop_text"] if "drop_text" in batch else bernoulli(cfg.text_drop_prob, B, generator, dev)

@@ -82,11 +82,19 @@ def make_scheduler(
 # Training side
 
 
-def sample_timesteps(batch: int, scheduler, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Uniform integer timesteps in [0, T)."""
+def sample_timesteps(batch: int, scheduler, generator: torch.Generator | None = None, device=None,
+                     logit_mean: float | None = None, logit_std: float = 1.0) -> torch.Tensor:
+    """Integer timesteps in [0, T): uniform, or with `logit_mean` logit-normal in t / T (Esser et al.
+    2024, SD3): logit(t / T) ~ N(logit_mean, logit_std**2), which spends the steps near
+    t / T = sigmoid(logit_mean) rather than evenly."""
     T = scheduler.config.num_train_timesteps
     gen_device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, T, (batch,), generator=generator, device=gen_device).to(device or gen_device)
+    if logit_mean is None:
+        t = torch.randint(0, T, (batch,), generator=generator, device=gen_device)
+    else:
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=gen_device))
+        t = (u * T).long().clamp(max=T - 1)
+    return t.to(device or gen_device)
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

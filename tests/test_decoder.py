@@ -486,3 +486,21 @@ def test_min_snr_loss_weights_each_rows_mse():
     torch.testing.assert_close(loss, (w * per_row).mean(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="min_snr_gamma"):
         DecoderConfig(min_snr_gamma=0.0)
+
+
+def test_decoder_draws_its_training_timesteps_from_its_config():
+    """timestep_logit_mean moves the decoder's training timesteps: the same generator gives
+    other t (seen through the loss, all else fixed) and a bad std is refused."""
+    x, zi, zt, states = batch(B=4)
+    rows = {"image": x, "image_emb": zi, "text_emb": zt, "text_states": states, "noise": torch.randn(x.shape),
+            "drop_image": torch.zeros(4, dtype=torch.bool), "drop_text": torch.zeros(4, dtype=torch.bool)}
+    shifted = make(dataclasses.replace(TINY, timestep_logit_mean=2.0, timestep_logit_std=0.1)).train()
+    loss, _ = training_loss(shifted, rows, torch.Generator().manual_seed(3))
+    # logit 2 +- 0.1: every t is within [845, 909] (4 sigma), so the loss is that of those fixed timesteps
+    t = diffusion.sample_timesteps(4, shifted.training_scheduler, torch.Generator().manual_seed(3),
+                                   logit_mean=2.0, logit_std=0.1)
+    assert ((t >= 845) & (t <= 909)).all()
+    fixed, _ = training_loss(shifted, {**rows, "t": t})
+    torch.testing.assert_close(loss, fixed)
+    with pytest.raises(ValueError, match="timestep_logit_std"):
+        DecoderConfig(timestep_logit_std=0.0)

@@ -267,6 +267,23 @@ def test_training_targets():
     assert torch.equal(D.training_target(sched, x0, noise, t), x0)
 
 
+def test_logit_normal_timesteps_follow_scipys_distribution():
+    """logit(t / T) of the drawn timesteps is N(mean, std^2), checked by scipy's KS test (the
+    integer floor shifts t / T by < 1 / T, so the cell's midpoint is tested)."""
+    from scipy import stats
+
+    sched = D.make_scheduler("ddpm")
+    g = torch.Generator().manual_seed(0)
+    t = D.sample_timesteps(20000, sched, generator=g, logit_mean=0.5, logit_std=0.8)
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() < 1000
+    u = (t.double() + 0.5) / 1000
+    assert stats.kstest(torch.logit(u).numpy(), stats.norm(0.5, 0.8).cdf).pvalue > 0.01
+    uniform = D.sample_timesteps(20000, sched, generator=g)
+    assert stats.kstest((uniform.double() + 0.5).numpy() / 1000, stats.uniform().cdf).pvalue > 0.01
+    # the same draw is not also uniform: the test can tell the two apart
+    assert stats.kstest(u.numpy(), stats.uniform().cdf).pvalue < 1e-6
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weight_matches_diffusers_training_scripts(kind):
     """diffusers' text-to-image script: min(SNR, gamma), divided by SNR for epsilon and by SNR + 1
