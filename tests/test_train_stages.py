@@ -88,7 +88,26 @@ def test_step_budget_ends_by_the_deadline_or_the_minutes_whichever_comes_first(m
     assert resumed.plan(505) == 510
 
 
-@pytest.mark.parametrize("limit", [{"max_minutes": 0.3}, {"finish_by_minute": 0.6}])  # the deadline counts worker start-up too
+def test_a_plan_that_ends_now_leaves_the_lr_at_the_cosine_end():
+    """A deadline already past at the first plan (slow worker start-up) ends training at once:
+    the LR the optimizer holds, and logs, is the cosine's end, not the warm-up's peak."""
+    import time
+
+    from models.training_state import warmup_cosine
+    from tasks import training
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = warmup_cosine(optimizer, warmup_steps=1, total_steps=100_000, min_lr_ratio=0.1)
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    budget = training.StepBudget(minutes=None, step=0, end=100_000, deadline=time.time() - 1)
+    end = training._replan(budget, 5, 100_000, schedule, training.TrainConfig(), 0, None, "cpu")
+    assert end == 5 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("limit", [{"max_minutes": 0.3}, {"finish_by_minute": 0.8}])  # the deadline counts worker start-up (>36 s on a slow CI host)
 def test_a_time_budget_ends_training_where_it_runs_out_with_the_lr_cosine_finished(limit, train_inputs, tmp_path):
     cfg = train_clip.TrainClipConfig(steps=100_000, batch_size=16, lr=1e-3, checkpoint_every=10_000,
                                      **{**FAST, "warmup_steps": 1}, **limit)
