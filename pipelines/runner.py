@@ -264,6 +264,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{key} {address}: cannot connect to a Ray cluster ({str(e).strip().splitlines()[0]}); start it, or unset {key} to run locally") from None
     else:
         object_store = cfg.ray.object_store_mb * 2**20 if cfg.ray.object_store_mb else None
+        # Ray Train starts an actor per stage that watches for preempted (spot) nodes; an embedded
+        # cluster has none, and each actor costs seconds of start-up on a small machine.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=object_store, include_dashboard=False)
 
 

@@ -234,7 +234,9 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
             ),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker sees all of validation
+        # every worker sees all of validation; one worker reads train whole (a split starts a
+        # coordinator actor per stage: seconds of start-up for nothing to split)
+        dataset_config=DataConfig(datasets_to_split=["train"] if cfg.workers > 1 else []),
     )
     started = time.perf_counter()
     try:
