@@ -105,8 +105,17 @@ class WarmupCosine:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
-    """LambdaLR with a `WarmupCosine` factor; `lr_lambdas[0].total_steps` may be changed later."""
+    """LambdaLR with a `WarmupCosine` factor; `refit_total_steps` changes where its cosine ends."""
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
+
+
+def refit_total_steps(schedule: LambdaLR, total_steps: int) -> None:
+    """End a `warmup_cosine` schedule's cosine at `total_steps`, with the optimizer's LR following
+    now (LambdaLR would apply it only at its next step: a plan that ends at this step would keep
+    the old LR)."""
+    schedule.lr_lambdas[0].total_steps = total_steps
+    for group, base_lr in zip(schedule.optimizer.param_groups, schedule.base_lrs):
+        group["lr"] = base_lr * schedule.lr_lambdas[0](schedule.last_epoch)
 
 
 def save_training_state(directory: str | Path, *, network: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,

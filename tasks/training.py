@@ -540,7 +540,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "step": step,
                     "loss": float(torch.stack(window_losses).float().mean()) if window_losses else float("nan"),
                     **{k: float(v) for k, v in good_metrics.items()},
-                    "lr": schedule.optimizer.param_groups[0]["lr"],  # what the next step uses
+                    "lr": optimizer.param_groups[0]["lr"],  # what the next step uses
                     "grad_norm": float(norm),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "skipped_steps": counters["skipped_steps"],
@@ -637,16 +637,14 @@ def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig,
     import torch
     import torch.distributed as dist
 
+    from models.training_state import refit_total_steps
+
     planned = torch.tensor(budget.plan(step), device=device)  # on the device: NCCL broadcasts only CUDA tensors
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(planned, src=0)
     planned = int(planned)
     if planned != end:
-        schedule.lr_lambdas[0].total_steps = planned - cfg.start_step
-        # The next step's LR follows the new plan now, not one step late (a plan that ends at this
-        # step leaves the LR at the cosine's end, which is what the last log should show).
-        for group, base_lr in zip(schedule.optimizer.param_groups, schedule.base_lrs):
-            group["lr"] = base_lr * schedule.lr_lambdas[0](schedule.last_epoch)
+        refit_total_steps(schedule, planned - cfg.start_step)
         if progress is not None:
             progress.total = planned
         if rank == 0 and end == budget.end:  # the first cut

@@ -22,7 +22,7 @@ from models import checkpoint, decoder
 from models.checkpoint import CheckpointError
 from models.pca import fit_pca
 from models.sizes import build, objective
-from models.training_state import EMA, load_training_state, save_training_state, warmup_cosine
+from models.training_state import EMA, load_training_state, refit_total_steps, save_training_state, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -203,7 +203,7 @@ def test_a_refit_cosine_end_survives_a_saved_and_loaded_state(tmp_path):
     network = build("prior", "tiny")
     optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
     lr_scheduler = warmup_cosine(optimizer, 1, 100, 0.1)
-    lr_scheduler.lr_lambdas[0].total_steps = 10  # as a time budget does (tasks.training)
+    refit_total_steps(lr_scheduler, 10)  # as a time budget does (tasks.training)
     save_training_state(tmp_path / "s", network=network, ema=EMA(network), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, step=0)
     fresh_optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
