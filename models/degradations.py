@@ -29,6 +29,12 @@ def _check(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a float (B, C, H, W) tensor, got {tuple(x.shape)} {x.dtype}")
 
 
+def downsample_to(hi: torch.Tensor, size: int) -> torch.Tensor:
+    """The clean low-resolution image (bicubic, antialiased; clamped to [-1, 1]) that a corruption
+    starts from."""
+    return F.interpolate(hi, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+
+
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 3, sigma: float = 0.6) -> torch.Tensor:
     """The first upsampler's corruption (paper: kernel 3, sigma 0.6)."""
     _check(x)

@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from . import degradations, diffusion
+from .degradations import downsample_to
 from .checkpoint import CheckpointError, migration, register
 from .objective import Field, check_batch, detached, unwrap
 from .decoder import config_mismatch
@@ -105,10 +106,6 @@ def unet_kwargs(cfg: UpsamplerConfig) -> dict:
 def upsample_to(low: torch.Tensor, size: int) -> torch.Tensor:
     """The conditioning image at the target size (bicubic, antialiased; clamped to [-1, 1])."""
     return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-
-
-def downsample_to(hi: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(hi, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
 @register("upsampler.Upsampler", format_version=2)

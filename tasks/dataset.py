@@ -193,6 +193,16 @@ def rows_without_image(embed_dir: str | os.PathLike, ingest_dir: str | os.PathLi
     return missing
 
 
+def image_task_cpus() -> float:
+    """CPUs per Ray Data task that decodes images for a training stage: one where the cluster has
+    two or more, half on one CPU (a whole-CPU task could never run beside the training worker).
+    Each task is a process that imports torch: on 2 cores, half-CPU tasks start twice the processes
+    for the same cores (the quick upsampler's data, cold: 48 s at half a CPU, 24 s at one)."""
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("CPU", 1.0) >= 2 else 0.5
+
+
 def decoded_pairs(batch: dict, split: str, val_fraction: float, image_size: int):
     """(row index, key, RGB uint8 image resized to image_size) of a webdataset batch's rows in
     `split` ("train" or "validation", by key hash); pairs the dataset marks "heldout" and

@@ -65,8 +65,10 @@ class ClipBatches:
 def clip_pairs(ingest_dir: Path, split: str, image_size: int, context_length: int, val_fraction: float):
     import ray
 
+    from tasks.dataset import image_task_cpus
+
     ds = ray.data.read_webdataset(str(ingest_dir), decoder=None, file_extensions=["tar"])
-    return ds.map_batches(pair_rows, batch_size=256, num_cpus=0.5,
+    return ds.map_batches(pair_rows, batch_size=256, num_cpus=image_task_cpus(),
                           fn_kwargs={"image_size": image_size, "context_length": context_length,
                                      "split": split, "val_fraction": val_fraction})
 

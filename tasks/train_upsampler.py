@@ -52,7 +52,6 @@ def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fr
     import torch
 
     from models import degradations
-    from models.upsampler import downsample_to
     from tasks.dataset import decoded_pairs
 
     size, low_size = model_config["image_size"], model_config["low_res_size"]
@@ -70,7 +69,7 @@ def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fr
     digest = hashlib.blake2b(entropy.encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
     hi = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    low = degradations.degrade(downsample_to(hi, low_size), model_config["degradation"], generator,
+    low = degradations.degrade(degradations.downsample_to(hi, low_size), model_config["degradation"], generator,
                                blur_kernel=model_config["blur_kernel"], blur_sigma=model_config["blur_sigma"])
     corners = torch.randint(0, size - crop + 1, (len(images), 2), generator=generator)
     return {"image": np.stack(images), "low": low.clamp(-1, 1).numpy().astype(np.float32), "crop": corners.numpy()}
@@ -109,8 +108,10 @@ class UpsamplerGrid:
 def upsampler_pairs(ingest_dir: Path, split: str, model_config: dict, val_fraction: float, seed: int):
     import ray
 
+    from tasks.dataset import image_task_cpus
+
     ds = ray.data.read_webdataset(str(ingest_dir), decoder=None, file_extensions=["tar"])
-    return ds.map_batches(upsampler_rows, batch_size=64, num_cpus=0.5,
+    return ds.map_batches(upsampler_rows, batch_size=64, num_cpus=image_task_cpus(),
                           fn_kwargs={"model_config": model_config, "split": split, "val_fraction": val_fraction,
                                      "seed": seed})
 
