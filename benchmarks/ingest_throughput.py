@@ -6,7 +6,7 @@
 Synthetic PNGs (tasks.synth) are served over HTTP on 127.0.0.1 and listed in one Parquet URL list.
 Both contenders download it into webdataset shards with the same settings (the stage's defaults
 for shard size, processes, threads, image size); the stage adds its checks, the shard count check
-and the summary of img2dataset's per-shard stats. Contenders alternate, each into a fresh folder;
+and the summary of img2dataset's per-shard stats. Contenders alternate (and take turns going first), each into a fresh folder;
 the best of --repeats is kept. Prints JSON; asserts nothing about time.
 """
 
@@ -59,7 +59,7 @@ def main() -> None:
             best = {"stage": float("inf"), "bare": float("inf")}
             success = {}
             for r in range(args.repeats):
-                for name in ("stage", "bare"):
+                for name in ("stage", "bare") if r % 2 == 0 else ("bare", "stage"):  # neither always goes first
                     out = root / f"{name}{r}"
                     out.mkdir()
                     start = time.perf_counter()
