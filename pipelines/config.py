@@ -64,6 +64,8 @@ class PipelineConfig(BaseModel):
     stages: list[Literal[STAGE_ORDER]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: [s for s in STAGE_ORDER if s not in OPTIONAL_STAGES])
     progress: bool = True
+    parallel_stages: int = Field(1, ge=1, le=16, description="stages run at the same time when their inputs are ready "
+                                 "(e.g. train_upsampler beside train_clip, train_prior beside train_decoder); 1: one by one")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)

@@ -38,6 +38,8 @@ class Stage:
     # Paths under the stage directory that survive a redo: caches named by what they depend on
     # (evaluate's real-image statistics, per dataset version), so a redo with new inputs reuses them.
     keep: tuple[str, ...] = ()
+    # With parallel stages, a stage that installs signal handlers (img2dataset) runs alone in the main thread.
+    main_thread: bool = False
 
 
 DAG: dict[str, Stage] = {
@@ -47,6 +49,7 @@ DAG: dict[str, Stage] = {
         ingest.run,
         inputs=lambda cfg: () if cfg.ingest.url_list else ("synth",),
         incremental=True,
+        main_thread=True,
         external_inputs=lambda cfg: [cfg.ingest.url_list] * bool(cfg.ingest.url_list) + cfg.ingest.extra_url_lists,
     ),
     # embed keeps one Parquet file per finished tar shard and embeds only shards without one

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -78,17 +80,69 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     where = f"{store.uri} (local mirror {storage})" if store else str(storage)
     console.print(f"[bold]unclip[/] {cfg.name}: storage {where}, MLflow {tracking_uri}")
 
-    results: dict[str, dict[str, Any]] = {}
     with mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tags({"unclip.storage": store.uri if store else str(storage), "unclip.stages": ",".join(s.name for s in stages)})
         mlflow.log_artifact(str(config_file))
-        for stage in stages:
-            results[stage.name] = run_stage(stage, cfg, storage, store, run_started=started)
+        results = run_stages(stages, cfg, storage, store, run_started=started, parent_run_id=parent.info.run_id)
         mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
     console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
     if "evaluate" in results:
         print_where_to_look(storage / "evaluate", store, tracking_uri)
     return results
+
+
+def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: ObjectStore | None,
+               run_started: float, parent_run_id: str) -> dict[str, dict[str, Any]]:
+    """Run each stage once its inputs in this run have finished, up to `cfg.parallel_stages` at a
+    time; results in plan order. Parallel stages are threads of this driver (their work runs in
+    Ray's processes), so one stage's start-up (actors, imports) overlaps another's training. After
+    a failure no new stage starts; those running finish (their output is kept), then it is raised."""
+    if cfg.parallel_stages == 1 or len(stages) == 1:
+        return {stage.name: run_stage(stage, cfg, storage, store, run_started=run_started) for stage in stages}
+    planned = {stage.name for stage in stages}
+    waiting = list(stages)
+    finished: queue.Queue = queue.Queue()
+    results: dict[str, dict[str, Any]] = {}
+    running: set[str] = set()
+    failure: BaseException | None = None
+
+    def work(stage: Stage) -> None:
+        try:
+            finished.put((stage.name, run_stage(stage, cfg, storage, store, run_started=run_started,
+                                                parent_run_id=parent_run_id), None))
+        except BaseException as e:  # handed to the main thread, which raises it
+            finished.put((stage.name, None, e))
+
+    while waiting or running:
+        for stage in [] if failure else list(waiting):
+            if len(running) >= cfg.parallel_stages or not all(n in results for n in stage.inputs(cfg) if n in planned):
+                continue
+            if stage.main_thread:
+                if not running:  # alone, here: then look again at what became ready
+                    waiting.remove(stage)
+                    results[stage.name] = run_stage(stage, cfg, storage, store, run_started=run_started)
+                break
+            waiting.remove(stage)
+            running.add(stage.name)
+            if stage.needs_ray:
+                ensure_ray(cfg)  # here: ray.init installs signal handlers, which only the main thread may
+            # daemon: Ctrl-C ends the run at once instead of waiting for the stages that run
+            threading.Thread(target=work, args=(stage,), name=f"stage-{stage.name}", daemon=True).start()
+        if not running:
+            if waiting and not failure:
+                continue
+            break
+        name, result, error = finished.get()
+        running.discard(name)
+        if error is not None:
+            failure = failure or error
+            if running:
+                console.print(f"[red]✗  {name} failed[/]; waiting for {', '.join(sorted(running))} to finish before stopping")
+        else:
+            results[name] = result
+    if failure is not None:
+        raise failure
+    return {stage.name: results[stage.name] for stage in stages}
 
 
 def print_where_to_look(evaluate_dir: Path, store: ObjectStore | None, tracking_uri: str) -> None:
@@ -129,7 +183,9 @@ def finished_manifest(stage: str, storage: Path, store: ObjectStore | None = Non
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectStore | None = None,
-              run_started: float | None = None) -> dict[str, Any]:
+              run_started: float | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run one stage, or skip it when its manifest matches. `parent_run_id`: the pipeline's MLflow
+    run, for a stage run in a thread of its own (MLflow's active run is per thread)."""
     out_dir = storage / stage.name
     inputs = {name: storage / name for name in stage.inputs(cfg)}
     input_manifests = {name: finished_manifest(name, storage, store) for name in inputs}
@@ -184,7 +240,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
     # directory); one that grows with its inputs is a new run (its appended inputs are new params).
     run_id_file = out_dir / MLFLOW_RUN_ID
     run_id = run_id_file.read_text().strip() if resume and started_with is not None and run_id_file.is_file() else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True) as child:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True,
+                          parent_run_id=parent_run_id) as child:
         run_id_file.write_text(child.info.run_id)
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
         mlflow.set_tag("unclip.stage", stage.name)

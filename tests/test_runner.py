@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,81 @@ def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["n3", "n4"]
     assert (out / "grid.png").read_text() == "4"
     assert len(mlflow.search_runs(experiment_names=["unclip"])) == 2
+
+
+def parallel_dag(monkeypatch, upsampler):
+    """synth -> ingest -> {train_clip -> embed, train_upsampler}, each a fake task that records when it ran;
+    train_clip waits for train_upsampler to start, which only parallel stages allow."""
+    from pipelines import dag
+    from pipelines.dag import Stage
+
+    upsampler_started = threading.Event()
+    spans = {}
+
+    def task(name, body=lambda: None):
+        def run(cfg, ctx):
+            start = time.monotonic()
+            body()
+            spans[name] = (start, time.monotonic(), mlflow.active_run().info.run_id)
+            return {"ok": 1}
+        return run
+
+    def clip():
+        assert upsampler_started.wait(60), "train_upsampler did not start while train_clip ran"
+
+    def upsampler_body():
+        upsampler_started.set()
+        upsampler()
+
+    for name, inputs, body in [("synth", (), None), ("ingest", ("synth",), None), ("train_clip", ("ingest",), clip),
+                               ("embed", ("ingest", "train_clip"), None), ("train_upsampler", ("ingest",), upsampler_body)]:
+        monkeypatch.setitem(dag.DAG, name, Stage(name, task(name, body or (lambda: None)), inputs=lambda cfg, i=inputs: i))
+    return spans
+
+
+def parallel_config(tmp_path):
+    from pipelines.config import PipelineConfig
+
+    return PipelineConfig.model_validate({"storage": str(tmp_path), "parallel_stages": 2, "progress": False,
+                                          "stages": ["synth", "ingest", "train_clip", "embed", "train_upsampler"]})
+
+
+def test_parallel_stages_run_side_by_side_as_nested_mlflow_runs(tmp_path, monkeypatch):
+    """parallel_stages: 2 starts train_upsampler beside train_clip (both need only ingest), each a child
+    run of the pipeline's MLflow run; a stage starts only after its inputs finished; results in plan order."""
+    from pipelines.runner import run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spans = parallel_dag(monkeypatch, upsampler=lambda: time.sleep(0.5))
+    results = run_pipeline(parallel_config(tmp_path))
+    assert list(results) == ["synth", "ingest", "train_clip", "embed", "train_upsampler"]
+    assert {r["status"] for r in results.values()} == {"ran"}
+    assert spans["ingest"][1] <= spans["train_clip"][0] and spans["ingest"][1] <= spans["train_upsampler"][0]
+    assert spans["train_clip"][1] <= spans["embed"][0]
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parent) == 1
+    children = runs.set_index("run_id")
+    for name, (_, _, run_id) in spans.items():
+        assert children.loc[run_id, "tags.mlflow.parentRunId"] == parent["run_id"].iloc[0], name
+        assert children.loc[run_id, "tags.unclip.stage"] == name
+    # a second run finds every manifest and skips, in parallel as in sequence
+    assert {r["status"] for r in run_pipeline(parallel_config(tmp_path)).values()} == {"skipped"}
+
+
+def test_a_failed_parallel_stage_lets_the_running_one_finish_and_starts_nothing_new(tmp_path, monkeypatch):
+    """train_upsampler fails while train_clip runs: train_clip finishes and keeps its manifest, embed (which
+    needs it) does not start, and the run raises the upsampler's error."""
+    from pipelines.runner import run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def fail():
+        raise RuntimeError("upsampler broke")
+
+    spans = parallel_dag(monkeypatch, upsampler=fail)
+    with pytest.raises(RuntimeError, match="upsampler broke"):
+        run_pipeline(parallel_config(tmp_path))
+    assert "train_clip" in spans and "embed" not in spans
+    assert (tmp_path / "train_clip" / "_manifest.json").is_file()
+    assert not (tmp_path / "train_upsampler" / "_manifest.json").exists()
