@@ -169,9 +169,15 @@ def torch_threads(cfg: TrainConfig, resources: dict[str, float], cluster: dict[s
     read once the data is cached before the first step, so the workers share it then."""
     if cfg.torch_threads is not None:
         return cfg.torch_threads
-    if cfg.cache_data and cfg.cpus_per_worker is None and not cfg.use_gpu:
+    if borrows_idle_cpus(cfg):
         return max(1, int(float(cluster.get("CPU", 1)) // cfg.workers))
     return max(1, int(resources["CPU"]))
+
+
+def borrows_idle_cpus(cfg: TrainConfig) -> bool:
+    """Whether `torch_threads` counts the CPUs no worker reserved (the shared case above): those
+    can be another stage's when stages run side by side (pipelines.runner), see SharedThreads."""
+    return cfg.torch_threads is None and cfg.cache_data and cfg.cpus_per_worker is None and not cfg.use_gpu
 
 
 def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict[str, Any],
@@ -212,6 +218,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "setup": spec.setup,
         "seed": ctx.seed,
         "threads": torch_threads(cfg, resources, cluster),
+        "own_cpus": resources["CPU"] if borrows_idle_cpus(cfg) else None,
         "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": active.info.run_id if active else None},
         "has_validation": val_ds is not None,
         "show_progress": ctx.show_progress,
@@ -418,6 +425,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
     torch.set_num_threads(config["threads"])
+    threads = SharedThreads(config["own_cpus"], config["threads"], world) if config["own_cpus"] else None
     torch.manual_seed(config["seed"] + rank)
     np.random.seed(config["seed"] + rank)
     generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)
@@ -490,6 +498,8 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch += 1
         for raw in epoch_batches(train_shard, cfg, config["seed"] * 1000 + rank + 7919 * step + epoch, held):
             batches_this_epoch += 1
+            if threads is not None:
+                threads.follow_idle_cpus()
             batch = make_batch(raw)
             if not checked:
                 objectives.check_batch(contract, batch, config["kind"])
@@ -585,6 +595,34 @@ def train_loop(config: dict[str, Any]) -> None:
                                  f"({world} workers): lower batch_size or add data")
     if progress is not None:
         progress.close()
+
+
+class SharedThreads:
+    """Torch threads of a worker that borrows the CPUs no worker reserved, re-counted every few
+    seconds: with stages side by side (pipelines.runner) another stage's worker may hold them now,
+    and more threads than cores make OpenMP's spinning threads stall each other (the quick preset's
+    train_clip and train_upsampler side by side at 2 threads each took 233 and 254 s, one after the
+    other 78 and 55 s)."""
+
+    def __init__(self, own_cpus: float, most: int, workers: int, every_s: float = 5.0):
+        self.own_cpus, self.most, self.workers, self.every_s = own_cpus, most, workers, every_s
+        self.checked = -math.inf
+
+    def follow_idle_cpus(self) -> None:
+        import ray
+        import torch
+
+        if time.monotonic() - self.checked < self.every_s:
+            return
+        self.checked = time.monotonic()
+        threads = shared_thread_count(self.own_cpus, ray.available_resources().get("CPU", 0.0), self.workers, self.most)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
+def shared_thread_count(own_cpus: float, idle_cpus: float, workers: int, most: int) -> int:
+    """A worker's own CPUs plus its share of the idle ones, whole, at least 1 and at most `most`."""
+    return max(1, min(most, int(own_cpus + idle_cpus / workers + 1e-6)))
 
 
 class StepBudget:

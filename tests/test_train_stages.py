@@ -201,3 +201,46 @@ def test_workers_share_the_data_cpu_only_when_the_data_is_cached():
     assert training.torch_threads(pinned, training.worker_resources(pinned, {"CPU": 8.0}), {"CPU": 8.0}) == 1
     chosen = training.TrainConfig(workers=1, torch_threads=3)
     assert training.torch_threads(chosen, training.worker_resources(chosen, cluster), cluster) == 3
+
+
+def test_a_worker_borrows_idle_cpus_only_while_no_other_stage_holds_them(ray_local):
+    """SharedThreads (stages side by side): a worker with 1 of 2 CPUs trains on 2 threads while the
+    other CPU is idle, on 1 while another stage's worker holds it, and on 2 again once it is free."""
+    import time
+
+    from tasks import training
+
+    assert training.borrows_idle_cpus(training.TrainConfig(workers=1))
+    assert not training.borrows_idle_cpus(training.TrainConfig(workers=1, torch_threads=1))
+    assert not training.borrows_idle_cpus(training.TrainConfig(workers=1, cache_data=False))
+
+    @ray_local.remote(num_cpus=1)
+    class Worker:
+        def threads_after_check(self):
+            import torch
+
+            shared = training.SharedThreads(own_cpus=1.0, most=2, workers=1, every_s=0.0)
+            shared.follow_idle_cpus()
+            return torch.get_num_threads()
+
+    @ray_local.remote(num_cpus=1)
+    class OtherStage:
+        def ready(self):
+            return True
+
+    def settled(expected):  # the cluster's view of free CPUs lags an actor's start by up to a second
+        for _ in range(20):
+            if ray_local.get(worker.threads_after_check.remote()) == expected:
+                return True
+            time.sleep(0.25)
+        return False
+
+    worker = Worker.remote()
+    assert settled(2)
+    other = OtherStage.remote()
+    ray_local.get(other.ready.remote())
+    assert settled(1)
+    ray_local.kill(other)
+    assert settled(2)
+    ray_local.kill(worker)
+    assert training.shared_thread_count(0.5, 0.5, 1, 1) == 1 and training.shared_thread_count(1.0, 6.0, 2, 4) == 4
