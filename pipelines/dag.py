@@ -38,8 +38,10 @@ class Stage:
     # Paths under the stage directory that survive a redo: caches named by what they depend on
     # (evaluate's real-image statistics, per dataset version), so a redo with new inputs reuses them.
     keep: tuple[str, ...] = ()
-    # With parallel stages, a stage that installs signal handlers (img2dataset) runs alone in the main thread.
-    main_thread: bool = False
+    # With parallel stages, a stage that runs with no other stage beside it (in the main thread): ingest installs
+    # signal handlers (img2dataset); embed and evaluate size their Ray actor pools to the whole cluster, and beside a
+    # training stage they wait for CPUs it holds while their own torch threads slow it down.
+    alone: bool = False
 
 
 DAG: dict[str, Stage] = {
@@ -49,7 +51,7 @@ DAG: dict[str, Stage] = {
         ingest.run,
         inputs=lambda cfg: () if cfg.ingest.url_list else ("synth",),
         incremental=True,
-        main_thread=True,
+        alone=True,
         external_inputs=lambda cfg: [cfg.ingest.url_list] * bool(cfg.ingest.url_list) + cfg.ingest.extra_url_lists,
     ),
     # embed keeps one Parquet file per finished tar shard and embeds only shards without one
@@ -60,6 +62,7 @@ DAG: dict[str, Stage] = {
         inputs=lambda cfg: ("ingest", "train_clip") if cfg.embed.clip_from == "train_clip" else ("ingest",),
         incremental=True,
         needs_ray=True,
+        alone=True,
     ),
     "pca": Stage("pca", pca.run, inputs=lambda cfg: ("embed",)),
     "train_prior": Stage(
@@ -85,6 +88,7 @@ DAG: dict[str, Stage] = {
         inputs=lambda cfg: ("ingest", "embed", *(s for s in ("pca",) if s in cfg.stages), "train_prior", "train_decoder",
                             *(s for s in ("train_upsampler", "train_upsampler2") if s in cfg.stages)),
         needs_ray=True,
+        alone=True,
         keep=(evaluate.REAL_STATS,),
     ),
     "register": Stage("register", register.run, inputs=register_inputs),

@@ -117,7 +117,7 @@ def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: O
         for stage in [] if failure else list(waiting):
             if len(running) >= cfg.parallel_stages or not all(n in results for n in stage.inputs(cfg) if n in planned):
                 continue
-            if stage.main_thread:
+            if stage.alone:
                 if not running:  # alone, here: then look again at what became ready
                     waiting.remove(stage)
                     results[stage.name] = run_stage(stage, cfg, storage, store, run_started=run_started)

@@ -178,7 +178,7 @@ def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
 
 def parallel_dag(monkeypatch, upsampler):
     """synth -> ingest -> {train_clip -> embed, train_upsampler}, each a fake task that records when it ran;
-    train_clip waits for train_upsampler to start, which only parallel stages allow."""
+    train_clip waits for train_upsampler to start, which only parallel stages allow; embed runs alone."""
     from pipelines import dag
     from pipelines.dag import Stage
 
@@ -202,7 +202,8 @@ def parallel_dag(monkeypatch, upsampler):
 
     for name, inputs, body in [("synth", (), None), ("ingest", ("synth",), None), ("train_clip", ("ingest",), clip),
                                ("embed", ("ingest", "train_clip"), None), ("train_upsampler", ("ingest",), upsampler_body)]:
-        monkeypatch.setitem(dag.DAG, name, Stage(name, task(name, body or (lambda: None)), inputs=lambda cfg, i=inputs: i))
+        monkeypatch.setitem(dag.DAG, name, Stage(name, task(name, body or (lambda: None)), inputs=lambda cfg, i=inputs: i,
+                                                 alone=name == "embed"))
     return spans
 
 
@@ -215,7 +216,8 @@ def parallel_config(tmp_path):
 
 def test_parallel_stages_run_side_by_side_as_nested_mlflow_runs(tmp_path, monkeypatch):
     """parallel_stages: 2 starts train_upsampler beside train_clip (both need only ingest), each a child
-    run of the pipeline's MLflow run; a stage starts only after its inputs finished; results in plan order."""
+    run of the pipeline's MLflow run; a stage starts only after its inputs finished, one that runs alone
+    only after the others finished; results in plan order."""
     from pipelines.runner import run_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -225,6 +227,7 @@ def test_parallel_stages_run_side_by_side_as_nested_mlflow_runs(tmp_path, monkey
     assert {r["status"] for r in results.values()} == {"ran"}
     assert spans["ingest"][1] <= spans["train_clip"][0] and spans["ingest"][1] <= spans["train_upsampler"][0]
     assert spans["train_clip"][1] <= spans["embed"][0]
+    assert spans["train_upsampler"][1] <= spans["embed"][0], "embed (alone) started beside train_upsampler"
     runs = mlflow_runs(tmp_path / "mlflow.db")
     parent = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parent) == 1
