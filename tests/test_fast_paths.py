@@ -127,3 +127,22 @@ def test_prior_refuses_a_transformer_its_forward_was_not_written_for(change):
         block.norm_type = "ada_norm"
     with pytest.raises(UnexpectedDiffusersBlock, match=f"transformer_blocks.1.*installed diffusers \\({diffusers.__version__}\\)"):
         DiffusionPrior(prior.config, transformer=transformer)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch, native):
+    """precision: bf16 autocasts on a CPU with native bf16; on one without (AVX2 only) emulated bf16 is
+    many times slower than fp32, so training falls back to fp32 with a warning."""
+    import warnings
+
+    from tasks import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with training._autocast("bf16", torch.device("cpu")):
+            out = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    assert any("no native bf16" in str(w.message) for w in caught) == (not native)
+    with training._autocast("fp32", torch.device("cpu")):
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.float32
