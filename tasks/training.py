@@ -26,8 +26,8 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -78,7 +78,8 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+t)/(10+t)) at update t")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
+        "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU; bf16 on a CPU without "
+                        "AVX-512 or AMX trains in fp32 (emulated bf16 is many times slower)")
     workers: int = Field(1, ge=1, description="data-parallel training workers", json_schema_extra=EXECUTION_ONLY)
     # Not execution-only: an FSDP checkpoint keeps one optimizer shard per worker, a DDP one the whole state.
     strategy: Literal["ddp", "fsdp"] = Field(
@@ -610,11 +611,11 @@ class SharedThreads:
         self.checked = -math.inf
 
     def follow_idle_cpus(self) -> None:
+        if time.monotonic() - self.checked < self.every_s:
+            return
         import ray
         import torch
 
-        if time.monotonic() - self.checked < self.every_s:
-            return
         self.checked = time.monotonic()
         threads = shared_thread_count(self.own_cpus, ray.available_resources().get("CPU", 0.0), self.workers, self.most)
         if threads != torch.get_num_threads():
@@ -723,7 +724,8 @@ def _autocast(precision: str, device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type == "cpu" and not cpu_has_native_bf16():
         # emulated bf16 (an AVX2-only CPU) ran the quick decoder at 14 samples/s: fp32 is many times faster there
-        warnings.warn("precision bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), training in fp32", stacklevel=2)
+        warnings.warn("precision bf16: this CPU has no native bf16 in oneDNN (it needs AVX-512 or AMX), "
+                      "training in fp32", stacklevel=2)
         use_bf16 = False
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
