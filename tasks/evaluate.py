@@ -35,7 +35,7 @@ Synthetic shapes only (scorer, images scored at >= score_size px):
   two_object_acc (both objects' colour and shape right, nothing else seen) for two-object prompts;
   with suffix _base: the decoder's output before the upsampler (bicubic to the same size);
   _text_emb: the zero-shot baseline; _real: the real images (the scorer's own error)
-Sections 3-4 (first split, tasks.manipulations): inversion_psnr; variation_consistency (synthetic shapes)
+Sections 3-4 (first split, tasks.manipulations, at decoder_guidance): inversion_psnr; variation_consistency (synthetic shapes)
 Global: images, images_per_s, aesthetic_probe_r2, real_stats_cached (splits whose real features came from the
 cache), and wall times setup_s, read_s, real_features_s, generate_s, metrics_s, outputs_s, evaluate_s.
 """
@@ -92,7 +92,8 @@ class EvaluateConfig(BaseModel):
     aesthetic_probe: str | None = Field(None, description="a fitted probe (.safetensors: weight, bias) instead of a table")
     aesthetic_alpha: float = Field(1.0, gt=0, description="ridge strength of the probe")
     grid_rows: int = Field(8, ge=1, le=64, description="captions per sample grid")
-    manipulation_images: int = Field(8, ge=0, description="held-out images inverted, varied, interpolated (section 3); 0: none")
+    manipulation_images: int = Field(8, ge=0, description="held-out images inverted, varied, interpolated (section 3), "
+                                     "at decoder_guidance (inversion included); 0: none")
     inversion_steps: int = Field(100, ge=1, description="DDIM steps of the inversion and its eta = 0 reconstruction "
                                  "(the demo's decoder: 29 dB at 25 steps, 34 at 50, 44 at 100)")
     bars: list[str] = Field(default_factory=list, description="quality bars checked on the metrics, e.g. "
@@ -680,7 +681,7 @@ def manipulate(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, score_si
     stack = load_stack(ctx.storage, which=cfg.which)
     n = min(cfg.manipulation_images, len(data.keys))
     settings = manipulations.Settings(steps=cfg.decoder_steps, inversion_steps=cfg.inversion_steps,
-                                      upsampler_steps=cfg.upsampler_steps, images=max(n, 2))
+                                      upsampler_steps=cfg.upsampler_steps, images=max(n, 2), guidance=cfg.decoder_guidance)
     return manipulations.run(stack, data.images, data.image_emb, data.captions, data.objects, settings,
                              out_dir / "manipulations", score_size)
 
@@ -766,6 +767,8 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"{len(jobs)} images: {cfg.num_prompts} captions per split ({', '.join(cfg.splits)}) x {cfg.samples_per_prompt} samples; "
         f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps), sweep {cfg.guidance_sweep()} and the "
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
+        *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
+           f"{cfg.decoder_guidance:g}, inversion included."] if cfg.manipulation_images > 0 else []),
         "fd_clip is a Fréchet distance on CLIP image features (not FID, whose features are Inception's); "
         "fd_clip_real_halves is its value between two halves of the real images: the floor at this sample size.",
         f"Aesthetic probe: {probe.source}; R² on held-out ratings {probe.r2:.3f}." if probe is not None else

@@ -28,7 +28,7 @@ class Settings:
     images: int = 8  # held-out images inverted and varied
     variations: int = 4  # eta = 1 variations per image
     frames: int = 6  # interpolation and text-diff frames
-    guidance: float = 1.0  # decoder guidance of the manipulations (the sampling CLI's default)
+    guidance: float = 1.0  # decoder guidance of the manipulations, inversion included (evaluate: its decoder_guidance)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -326,6 +326,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 7 and "heldout/fd_clip" in html and "src=\"http" not in html
     assert "Quality bars" in html and "FAIL" in html and "heldout/nothing" in html
+    assert "Sections 3-4 (variations, interpolation, text diff, PCA probe) on heldout images: decoder guidance 2," in html
     client = mlflow.MlflowClient(f"sqlite:///{stack_storage}/mlflow.db")
     logged = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "grids")}
     assert {"metrics.json", "report.html", "fd_vs_guidance.png", "grids/heldout_one_object.png"} <= logged
