@@ -46,7 +46,8 @@ Out = Annotated[Path, typer.Option("--out", help="PNG file to write")]
 Seed = Annotated[int, typer.Option(help="random seed (same seed and batch size: same images)")]
 BatchSize = Annotated[int, typer.Option(min=1, help="images decoded at once")]
 DecoderSteps = Annotated[int, typer.Option(min=1, help="decoder DDIM steps (also the inversion's)")]
-DecoderGuidance = Annotated[Optional[float], typer.Option(min=0, help="decoder classifier-free guidance (default: 1, so that DDIM inversion reconstructs)")]
+DecoderGuidance = Annotated[Optional[float], typer.Option(min=0, help="decoder classifier-free guidance, the inversion's too (default: the "
+                                                          "model's recorded one, as evaluate's variations; 1 when none is recorded)")]
 UpsamplerSteps = Annotated[int, typer.Option(min=1, help="upsampler DDIM steps")]
 Device = Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available, else cpu)")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking/registry URI for models:/ URIs (default: MLFLOW_TRACKING_URI)")]
@@ -141,7 +142,7 @@ def vary(
         with _open_stack(model, device, tracking_uri) as stack:
             import torch
 
-            guidance = 1.0 if decoder_guidance is None else decoder_guidance
+            guidance = _manipulation_guidance(stack, decoder_guidance)
             ups = _upsampler_stages(stack, upsampler_steps)
             generator = _generator(stack, seed)
             rows = []
@@ -177,7 +178,7 @@ def interpolate(
         with _open_stack(model, device, tracking_uri) as stack:
             import torch
 
-            guidance = 1.0 if decoder_guidance is None else decoder_guidance
+            guidance = _manipulation_guidance(stack, decoder_guidance)
             ups = _upsampler_stages(stack, upsampler_steps)
             generator = _generator(stack, seed)
             (z_a, x_a), (z_b, x_b) = (_invert(stack, p, decoder_steps, guidance) for p in (a, b))
@@ -216,7 +217,7 @@ def textdiff(
         with _open_stack(model, device, tracking_uri) as stack:
             import torch
 
-            guidance = 1.0 if decoder_guidance is None else decoder_guidance
+            guidance = _manipulation_guidance(stack, decoder_guidance)
             ups = _upsampler_stages(stack, upsampler_steps)
             generator = _generator(stack, seed)
             z_i, x_T = _invert(stack, picture, decoder_steps, guidance)
@@ -258,7 +259,7 @@ def pca_probe(
             ks = ks or [2**i for i in range(available.bit_length()) if 2**i < available] + [available]
             if max(ks) > available:
                 raise UsageError(f"--dims {max(ks)}: the PCA basis has {available} components; pick dims up to {available}")
-            guidance = 1.0 if decoder_guidance is None else decoder_guidance
+            guidance = _manipulation_guidance(stack, decoder_guidance)
             ups = _upsampler_stages(stack, upsampler_steps)
             z_i = _encode_image(stack, picture)
             frames = [stack.unclip.pca_probe(z_i, stack.pca, chunk, seed=seed, steps=decoder_steps, guidance_scale=guidance,
@@ -341,6 +342,12 @@ def _open_stack(model: str, device: str | None, tracking_uri: str | None) -> Ite
             raise UsageError(f"--model {model}: {e}") from None
     with torch.inference_mode():
         yield stack
+
+
+def _manipulation_guidance(stack: "Stack", given: float | None) -> float:
+    """The decoder guidance of vary, interpolate, textdiff and pca-probe: the option, else the
+    guidance the run recorded (evaluate measured its variations at it), else 1."""
+    return float(given if given is not None else stack.sampling.get("decoder_guidance", 1.0))
 
 
 def _prior_kwargs(stack: "Stack", steps: int, guidance: float, steps_given: bool) -> dict:

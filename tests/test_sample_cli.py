@@ -145,19 +145,26 @@ def test_same_seed_same_grid_other_seed_other_grid(storage, tmp_path):
     assert draw("a.png", 0) == draw("b.png", 0) != draw("c.png", 1)
 
 
-def test_sample_defaults_to_the_runs_recorded_settings(storage, tmp_path):
-    """Without sampling options, `sample` draws with the run's register.sampling (what the registered
-    model serves; its decoder guidance is evaluate's), not Karlo's settings."""
+def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float) -> Path:
+    """A run directory over the fixture's parts whose config records sampling settings (evaluate's
+    decoder guidance, register.sampling's fast steps)."""
     from pipelines.config import validate
 
     run = tmp_path / "run"
     run.mkdir()
     for part in ("embed", "pca", "train_prior", "train_decoder", "train_upsampler"):
         (run / part).symlink_to(storage / part)
-    cfg = validate({"evaluate": {"decoder_guidance": 1.5},
+    cfg = validate({"evaluate": {"decoder_guidance": decoder_guidance},
                     "register": {"sampling": {"prior_steps": 3, "prior_guidance": 2, "decoder_steps": 3, "upsampler_steps": 2}}})
     (run / "_pipeline").mkdir()
     (run / "_pipeline" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return run
+
+
+def test_sample_defaults_to_the_runs_recorded_settings(storage, tmp_path):
+    """Without sampling options, `sample` draws with the run's register.sampling (what the registered
+    model serves; its decoder guidance is evaluate's), not Karlo's settings."""
+    run = recorded_run(storage, tmp_path, decoder_guidance=1.5)
     drawn = {}
     for name, model, options in (
             ("recorded", run, []),
@@ -188,6 +195,21 @@ def test_vary(storage, tmp_path):
     pixels = grid(out, rows=2, cols=1 + 3)
     for r in (0, 1):  # each row starts with its input
         np.testing.assert_array_equal(tiles(pixels, r)[0], np.asarray(Image.open(storage / f"in{r}.png").convert("RGB")))
+
+
+def test_vary_defaults_to_the_runs_recorded_decoder_guidance(storage, tmp_path):
+    """Variations (and their inversion) at the guidance evaluate measured them with; 1 without a record."""
+    run = recorded_run(storage, tmp_path, decoder_guidance=2.0)
+    drawn = {}
+    for name, model, options in (("recorded", run, []), ("explicit_2", storage, ["--decoder-guidance", 2]),
+                                 ("explicit_1", storage, ["--decoder-guidance", 1]), ("unrecorded", storage, [])):
+        out = tmp_path / f"{name}.png"
+        result = unclip("vary", "--model", model, "--image", storage / "in0.png", "--n", 2, *FAST, *options, "--out", out)
+        assert result.exit_code == 0, result.output
+        drawn[name] = grid(out, rows=1, cols=3)
+    assert np.array_equal(drawn["recorded"], drawn["explicit_2"])
+    assert np.array_equal(drawn["unrecorded"], drawn["explicit_1"])
+    assert not np.array_equal(drawn["recorded"], drawn["explicit_1"])
 
 
 def test_interpolate(storage, tmp_path):
