@@ -92,9 +92,11 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sample_as_evaluated(self) -> "PipelineConfig":
-        # The registered model draws at the guidance it was measured at, unless the config says otherwise.
+        # The registered model draws at the guidance and eta it was measured at, unless the config says otherwise.
         if self.register.sampling.decoder_guidance is None:
             self.register.sampling.decoder_guidance = self.evaluate.decoder_guidance
+        if self.register.sampling.decoder_eta is None:
+            self.register.sampling.decoder_eta = self.evaluate.decoder_eta
         return self
 
     def stage_config(self, stage: str) -> BaseModel:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # `sample`'s settings when the model records none (tasks.stack.recorded_sampling): Karlo's published
 # ones, as the served model's (tasks.serving). Decoder guidance 8 suits Karlo's 3.5B-parameter decoder.
 KARLO_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
-                  "upsampler_steps": 7}
+                  "decoder_eta": 0.0, "upsampler_steps": 7}
 DEFAULT_STEPS = KARLO_SAMPLING["decoder_steps"]  # the image commands' decoder DDIM steps
 UPSAMPLER_STEPS = KARLO_SAMPLING["upsampler_steps"]
 RECORDED = "default: the model's register.sampling, else Karlo's"
@@ -89,6 +89,7 @@ def sample(
     prior_guidance: Annotated[Optional[float], typer.Option(min=0, help=f"prior classifier-free guidance ({RECORDED}: 4)")] = None,
     decoder_steps: Annotated[Optional[int], typer.Option(min=1, help=f"decoder DDIM steps ({RECORDED}: 50)")] = None,
     decoder_guidance: Annotated[Optional[float], typer.Option(min=0, help=f"decoder classifier-free guidance ({RECORDED}: 8; a pipeline run records the guidance its evaluate stage used)")] = None,
+    decoder_eta: Annotated[Optional[float], typer.Option(min=0, help=f"decoder DDIM eta, 0 deterministic, 1 ancestral ({RECORDED}: 0)")] = None,
     upsampler_steps: Annotated[Optional[int], typer.Option(min=1, help=f"upsampler DDIM steps ({RECORDED}: 7)")] = None,
     device: Device = None,
     tracking_uri: TrackingUri = None,
@@ -105,10 +106,11 @@ def sample(
             from models.unclip import Stage
 
             given = {"prior_steps": prior_steps, "prior_guidance": prior_guidance, "decoder_steps": decoder_steps,
-                     "decoder_guidance": decoder_guidance, "upsampler_steps": upsampler_steps}
+                     "decoder_guidance": decoder_guidance, "decoder_eta": decoder_eta, "upsampler_steps": upsampler_steps}
             settings = {**KARLO_SAMPLING, **stack.sampling, **{k: v for k, v in given.items() if v is not None}}
             prior_kwargs = _prior_kwargs(stack, settings["prior_steps"], settings["prior_guidance"], prior_steps is not None)
-            decoder = Stage(steps=int(settings["decoder_steps"]), guidance_scale=float(settings["decoder_guidance"]))
+            decoder = Stage(steps=int(settings["decoder_steps"]), eta=float(settings["decoder_eta"]),
+                            guidance_scale=float(settings["decoder_guidance"]))
             ups = _upsampler_stages(stack, int(settings["upsampler_steps"]))
             generator = _generator(stack, seed)
             captions = [p for p in prompts for _ in range(n)]

@@ -78,6 +78,9 @@ class EvaluateConfig(BaseModel):
                                   "{steps: 25, guidance_scale: 1.0} (diffusion) or {temperature: 1.0} (AR)")
     decoder_steps: int = Field(50, ge=1)
     decoder_guidance: float = Field(3.0, ge=0, description="the decoder guidance scale of the headline metrics")
+    decoder_eta: float = Field(0.0, ge=0, description="DDIM eta of text -> image decoding: 0 deterministic, 1 as "
+                               "ancestral (DDPM) sampling, which redraws noise each step and lets an under-trained "
+                               "decoder correct its outlines")
     decoder_guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 3.0, 5.0], min_length=1,
                                                  description="the guidance sweep (fd and aesthetic plots)")
     upsampler_steps: int = Field(15, ge=1)
@@ -294,7 +297,7 @@ class StackActor:
             text = unclip.encode_text([str(c) for c in batch["caption"][rows]])
             # UnCLIP.sample / sample_from_text_emb, split to keep the decoder's output before the upsamplers
             z = unclip.sample_image_emb(text, generator, **s["prior"]) if mode == "stack" else text.emb
-            decoder = Stage(steps=s["decoder_steps"], guidance_scale=float(guidance))
+            decoder = Stage(steps=s["decoder_steps"], eta=s["decoder_eta"], guidance_scale=float(guidance))
             base = unclip.decode(z, text if s["use_caption"] else None, decoder=decoder, generator=generator, upsample=False)
             final = unclip.upsample(base, [Stage(steps=s["upsampler_steps"])] * len(unclip.upsamplers), generator)
             out["job"] += [int(batch["job"][i]) for i in rows]
@@ -533,8 +536,8 @@ def generate(cfg: EvaluateConfig, ctx: StageContext, jobs: list[Job], pool: dict
     """Run every job through the StackActor pool; arrays indexed by job number."""
     import ray
 
-    settings = {"prior": dict(cfg.prior), "decoder_steps": cfg.decoder_steps, "upsampler_steps": cfg.upsampler_steps,
-                "use_caption": cfg.use_caption}
+    settings = {"prior": dict(cfg.prior), "decoder_steps": cfg.decoder_steps, "decoder_eta": cfg.decoder_eta,
+                "upsampler_steps": cfg.upsampler_steps, "use_caption": cfg.use_caption}
     items = [{"job": j.job, "mode": j.mode, "guidance": j.guidance, "caption": j.caption, "seed": j.seed} for j in jobs]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // cfg.batch_size)))
     rows = _map_with_actors(ds, StackActor, pool, cfg.batch_size, storage=str(ctx.storage), which=cfg.which,
@@ -765,7 +768,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     plots = guidance_plots(sweep_rows(cfg, metrics), out_dir)
     notes = [
         f"{len(jobs)} images: {cfg.num_prompts} captions per split ({', '.join(cfg.splits)}) x {cfg.samples_per_prompt} samples; "
-        f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps), sweep {cfg.guidance_sweep()} and the "
+        f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps, eta {cfg.decoder_eta:g}), sweep {cfg.guidance_sweep()} and the "
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
         *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
            f"{cfg.decoder_guidance:g}, inversion included."] if cfg.manipulation_images > 0 else []),

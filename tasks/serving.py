@@ -45,11 +45,12 @@ INPUT_COLUMNS: dict[str, tuple[type, float]] = {
     "prior_guidance": (float, 0.0),
     "decoder_steps": (int, 1),
     "decoder_guidance": (float, 0.0),
+    "decoder_eta": (float, 0.0),
     "upsampler_steps": (int, 1),
 }
 MAX_INT = 2**53  # whole numbers a double holds exactly
 DEFAULT_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
-                    "upsampler_steps": 7}
+                    "decoder_eta": 0.0, "upsampler_steps": 7}
 DEFAULT_CONFIG = {**DEFAULT_SAMPLING, "device": None, "batch_size": 16}
 
 
@@ -149,7 +150,7 @@ class UnclipModel(PythonModel):
         prior = {"guidance_scale": settings["prior_guidance"]}
         if isinstance(unclip.prior, DiffusionPrior):
             prior["steps"] = settings["prior_steps"]
-        decoder = Stage(steps=settings["decoder_steps"], guidance_scale=settings["decoder_guidance"])
+        decoder = Stage(steps=settings["decoder_steps"], eta=settings["decoder_eta"], guidance_scale=settings["decoder_guidance"])
         upsamplers = [Stage(steps=settings["upsampler_steps"])] * len(unclip.upsamplers)
         return unclip.sample(prompts, generator=generator, prior=prior, decoder=decoder, upsamplers=upsamplers)
 

@@ -36,7 +36,7 @@ MARKER = {"clip": "clip_spec.json", "prior": "config.json", "decoder": "config.j
           "upsampler2": "config.json", "pca": "pca.json"}
 
 
-SAMPLING_KEYS = ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "upsampler_steps")
+SAMPLING_KEYS = ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "decoder_eta", "upsampler_steps")
 RUN_CONFIG = Path("_pipeline") / "config.yaml"  # the pipeline config a run wrote (pipelines.runner)
 
 

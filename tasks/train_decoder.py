@@ -24,6 +24,7 @@ class TrainDecoderConfig(training.TrainConfig):
     use_captions: bool = Field(True, description="condition on caption token states as well as z_i")
     sample_steps: int = Field(25, ge=1, description="DDIM steps for the sample grid")
     guidance_scale: float = Field(3.0, ge=0, description="decoder guidance for the sample grid")
+    sample_eta: float = Field(0.0, ge=0, description="DDIM eta for the sample grid (as evaluate.decoder_eta)")
     grid_rows: int = Field(8, ge=1, le=64, description="validation images in the sample grid")
 
 
@@ -47,6 +48,7 @@ class DecoderBatches:
 class DecoderGrid:
     steps: int
     guidance_scale: float
+    eta: float
     rows: int
 
     def __call__(self, network, batch, step: int, directory: Path):
@@ -57,7 +59,7 @@ class DecoderGrid:
         cut = {k: v[:n] for k, v in batch.items()}
         generator = torch.Generator(device=cut["image"].device).manual_seed(0)
         drawn = network.sample(cut["image_emb"], cut["text_emb"], cut.get("text_states"), cut.get("text_mask"),
-                               steps=self.steps, guidance_scale=self.guidance_scale, generator=generator)
+                               steps=self.steps, eta=self.eta, guidance_scale=self.guidance_scale, generator=generator)
         path = directory / f"decoder_samples_{step:07d}.png"
         save_image(torch.cat([cut["image"], drawn]).float().cpu() * 0.5 + 0.5, str(path), nrow=n)
         return [path], {}
@@ -85,7 +87,7 @@ def run(cfg: TrainDecoderConfig, ctx: StageContext) -> dict[str, float]:
         kind="decoder",
         batches=DecoderBatches,
         batch_args={"embed_dir": str(embed_dir), "use_captions": cfg.use_captions},
-        samples=DecoderGrid(cfg.sample_steps, cfg.guidance_scale, cfg.grid_rows),
+        samples=DecoderGrid(cfg.sample_steps, cfg.guidance_scale, cfg.sample_eta, cfg.grid_rows),
     )
     counts = training.fit(spec, cfg, ctx, config, train, val)
     return {**counts, "rows_without_image": float(rows_without_image(embed_dir, ingest_dir))}

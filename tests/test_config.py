@@ -23,10 +23,13 @@ def test_override_sets_typed_value():
     assert cfg.ingest.processes == 1 and cfg.synth.n == 7 and cfg.ingest.additional_columns == ["a", "b"]
 
 
-def test_registered_model_samples_at_the_evaluated_guidance_unless_set():
+def test_registered_model_samples_at_the_evaluated_guidance_and_eta_unless_set():
     assert load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_guidance=1.5"]).register.sampling.decoder_guidance == 1.5
     cfg = load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_guidance=1.5", "register.sampling.decoder_guidance=6"])
     assert cfg.register.sampling.decoder_guidance == 6
+    assert load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_eta=1"]).register.sampling.decoder_eta == 1
+    cfg = load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_eta=1", "register.sampling.decoder_eta=0.5"])
+    assert cfg.register.sampling.decoder_eta == 0.5
 
 
 @pytest.mark.parametrize(

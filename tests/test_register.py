@@ -157,6 +157,7 @@ def test_pyfunc_champion_returns_pngs(registry):
     again = model.predict(pd.DataFrame({"prompt": ["a blue square"], "seed": [1], **{k: [v] for k, v in FAST.items()}}))
     assert _same_pixels(again["image"][0], out["image"][1])
     assert not _same_pixels(model.predict(request.assign(seed=[1, 2]))["image"][1], out["image"][1])
+    assert not _same_pixels(model.predict(request.assign(decoder_eta=[1.0, 1.0]))["image"][1], out["image"][1])  # ancestral
 
 
 def _same_pixels(a: str, b: str) -> bool:

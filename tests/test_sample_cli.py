@@ -145,16 +145,16 @@ def test_same_seed_same_grid_other_seed_other_grid(storage, tmp_path):
     assert draw("a.png", 0) == draw("b.png", 0) != draw("c.png", 1)
 
 
-def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float) -> Path:
+def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float, decoder_eta: float = 0.0) -> Path:
     """A run directory over the fixture's parts whose config records sampling settings (evaluate's
-    decoder guidance, register.sampling's fast steps)."""
+    decoder guidance and eta, register.sampling's fast steps)."""
     from pipelines.config import validate
 
     run = tmp_path / "run"
     run.mkdir()
     for part in ("embed", "pca", "train_prior", "train_decoder", "train_upsampler"):
         (run / part).symlink_to(storage / part)
-    cfg = validate({"evaluate": {"decoder_guidance": decoder_guidance},
+    cfg = validate({"evaluate": {"decoder_guidance": decoder_guidance, "decoder_eta": decoder_eta},
                     "register": {"sampling": {"prior_steps": 3, "prior_guidance": 2, "decoder_steps": 3, "upsampler_steps": 2}}})
     (run / "_pipeline").mkdir()
     (run / "_pipeline" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -163,19 +163,21 @@ def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float) -> Path
 
 def test_sample_defaults_to_the_runs_recorded_settings(storage, tmp_path):
     """Without sampling options, `sample` draws with the run's register.sampling (what the registered
-    model serves; its decoder guidance is evaluate's), not Karlo's settings."""
-    run = recorded_run(storage, tmp_path, decoder_guidance=1.5)
+    model serves; its decoder guidance and eta are evaluate's), not Karlo's settings."""
+    run = recorded_run(storage, tmp_path, decoder_guidance=1.5, decoder_eta=1.0)
+    explicit = ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5, "--upsampler-steps", 2]
     drawn = {}
     for name, model, options in (
             ("recorded", run, []),
-            ("explicit", storage, ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5,
-                                   "--upsampler-steps", 2]),
+            ("explicit", storage, [*explicit, "--decoder-eta", 1]),
+            ("eta_0", storage, [*explicit, "--decoder-eta", 0]),
             ("karlo", storage, ["--prior-steps", 3, "--decoder-steps", 3, "--upsampler-steps", 2])):
         out = tmp_path / f"{name}.png"
         result = unclip("sample", "--model", model, "--prompt", "a red circle", "--n", 2, "--seed", 0, *options, "--out", out)
         assert result.exit_code == 0, result.output
         drawn[name] = grid(out, rows=1, cols=2)
     assert np.array_equal(drawn["recorded"], drawn["explicit"])
+    assert not np.array_equal(drawn["recorded"], drawn["eta_0"])  # ancestral steps draw other images
     assert not np.array_equal(drawn["recorded"], drawn["karlo"])  # guidance 4 and 8 draw other images
 
 
@@ -259,13 +261,15 @@ def test_registry_uri(storage, tmp_path, monkeypatch):
         mlflow.set_experiment("sample-cli")
         (tmp_path / "work").mkdir()
         with mlflow.start_run():
-            sampling = SamplingDefaults(prior_steps=3, prior_guidance=2, decoder_steps=3, decoder_guidance=1.5, upsampler_steps=2)
+            sampling = SamplingDefaults(prior_steps=3, prior_guidance=2, decoder_steps=3, decoder_guidance=1.5, decoder_eta=1.0,
+                                        upsampler_steps=2)
             info = log_stack_model(stack_parts(storage), RegisterConfig(sampling=sampling), tmp_path / "work")
         version = mlflow.register_model(info.model_uri, "tiny").version
         MlflowClient(uri).set_registered_model_alias("tiny", "champion", version)
     finally:
         mlflow.set_tracking_uri(previous)
-    explicit = ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5, "--upsampler-steps", 2]
+    explicit = ["--prior-steps", 3, "--prior-guidance", 2, "--decoder-steps", 3, "--decoder-guidance", 1.5, "--decoder-eta", 1,
+                "--upsampler-steps", 2]
     assert unclip("sample", "--model", storage, "--prompt", "a red circle", "--n", 2, "--seed", 0, *explicit,
                   "--out", tmp_path / "explicit.png").exit_code == 0
     for model in ("models:/tiny@champion", f"models:/tiny/{version}"):
