@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Optional, Sequence
 import typer
 
 from tasks.grids import to_uint8
+from tasks.stack import KARLO_SAMPLING
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 
     from tasks.stack import Stack
 
-# `sample`'s settings when the model records none (tasks.stack.recorded_sampling): Karlo's published
-# ones, as the served model's (tasks.serving). Decoder guidance 8 suits Karlo's 3.5B-parameter decoder.
-KARLO_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
-                  "decoder_eta": 0.0, "upsampler_steps": 7}
 DEFAULT_STEPS = KARLO_SAMPLING["decoder_steps"]  # the image commands' decoder DDIM steps
 UPSAMPLER_STEPS = KARLO_SAMPLING["upsampler_steps"]
 RECORDED = "default: the model's register.sampling, else Karlo's"

@@ -32,6 +32,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
+from tasks.stack import KARLO_SAMPLING
+
 # artifact names of the logged model: the parts of tasks.stack
 ARTIFACTS = ("clip", "prior", "decoder", "upsampler", "upsampler2", "pca")
 
@@ -49,9 +51,7 @@ INPUT_COLUMNS: dict[str, tuple[type, float]] = {
     "upsampler_steps": (int, 1),
 }
 MAX_INT = 2**53  # whole numbers a double holds exactly
-DEFAULT_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
-                    "decoder_eta": 0.0, "upsampler_steps": 7}
-DEFAULT_CONFIG = {**DEFAULT_SAMPLING, "device": None, "batch_size": 16}
+DEFAULT_CONFIG = {**KARLO_SAMPLING, "device": None, "batch_size": 16}
 
 
 def signature() -> ModelSignature:
