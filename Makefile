@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/unclip run pipelines/configs/demo.yaml
 
+# Two workers, a file each at a time (module fixtures run once), slow files first (tests/conftest.py):
+# half of a test's time alone is Ray and process start-up, which the other worker's test fills.
 test: install
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 # A local Ray head for `ray job submit` (README "On a Ray cluster"). A job's entrypoint runs with
 # the environment of the process that started the head, so the venv's bin goes first on its PATH

@@ -47,3 +47,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow (end-to-end) tests first: with `-n 2 --dist loadfile` (make test) each file
+    runs on one worker, and a long file started last would finish the suite alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within a file kept
