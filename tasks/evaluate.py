@@ -95,8 +95,10 @@ class EvaluateConfig(BaseModel):
     aesthetic_probe: str | None = Field(None, description="a fitted probe (.safetensors: weight, bias) instead of a table")
     aesthetic_alpha: float = Field(1.0, gt=0, description="ridge strength of the probe")
     grid_rows: int = Field(8, ge=1, le=64, description="captions per sample grid")
-    manipulation_images: int = Field(8, ge=0, description="held-out images inverted, varied, interpolated (section 3), "
-                                     "at decoder_guidance (inversion included); 0: none")
+    manipulation_images: int = Field(8, ge=0, description="held-out images inverted and interpolated (section 3), "
+                                     "at decoder_guidance (inversion included); 0: none (no variations either)")
+    variation_images: int = Field(96, ge=0, description="held-out one-object images varied once each (eta 1) for "
+                                  "variation_consistency (synthetic shapes); a few make it a coin toss; 0: not measured")
     inversion_steps: int = Field(100, ge=1, description="DDIM steps of the inversion and its eta = 0 reconstruction "
                                  "(the demo's decoder: 29 dB at 25 steps, 34 at 50, 44 at 100)")
     bars: list[str] = Field(default_factory=list, description="quality bars checked on the metrics, e.g. "
@@ -684,7 +686,8 @@ def manipulate(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, score_si
     stack = load_stack(ctx.storage, which=cfg.which)
     n = min(cfg.manipulation_images, len(data.keys))
     settings = manipulations.Settings(steps=cfg.decoder_steps, inversion_steps=cfg.inversion_steps,
-                                      upsampler_steps=cfg.upsampler_steps, images=max(n, 2), guidance=cfg.decoder_guidance)
+                                      upsampler_steps=cfg.upsampler_steps, images=max(n, 2), guidance=cfg.decoder_guidance,
+                                      variation_images=min(cfg.variation_images, len(data.keys)))
     return manipulations.run(stack, data.images, data.image_emb, data.captions, data.objects, settings,
                              out_dir / "manipulations", score_size)
 

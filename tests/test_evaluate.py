@@ -302,7 +302,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     import mlflow
 
     bars = ["heldout/one_object_colour_acc_real >= 0.9", "heldout/fd_clip_real_halves < heldout/fd_clip", "heldout/nothing > 0"]
-    values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4)
+    values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4, variation_images=6)
     out = stack_storage / "evaluate"
     saved = json.loads((out / "metrics.json").read_text())
     expected = [f"{s}/{k}" for s in ("heldout", "validation") for k in PER_SPLIT] + [f"heldout/{k}" for k in FIRST_SPLIT]
@@ -311,6 +311,8 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     assert not [k for k in expected if k not in saved], sorted(saved)
     assert any(k.startswith("heldout/two_object_acc") for k in saved) or saved["heldout/two_object_prompts"] == 0
     assert saved["images"] == 4 * 2 * 3 + 4 * 2  # heldout: 2 guidance scales + z_t; validation: 1
+    assert saved["heldout/variation_sources"] == 6  # one variation of each of 6 one-object sources, not of the 4 inverted
+    assert saved["heldout/variation_consistency"] * 6 == pytest.approx(round(saved["heldout/variation_consistency"] * 6))
     assert values["heldout/fd_clip"] == saved["heldout/fd_clip"]
     for key in ("one_object_colour_acc_real", "one_object_shape_acc_real"):  # the scorer reads real renders
         assert saved[f"heldout/{key}"] >= 0.9, key
@@ -323,6 +325,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     for name in ("variations.png", "interpolation.png", "text_diff.png"):  # no pca stage here: no PCA probe
         assert (out / "manipulations" / name).is_file(), name
     assert Image.open(out / "manipulations" / "interpolation.png").width >= 8 * 64  # real | 6 frames | real
+    assert Image.open(out / "manipulations" / "variations.png").width >= 5 * 64  # real | 4 variations
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 7 and "heldout/fd_clip" in html and "src=\"http" not in html
     assert "Quality bars" in html and "FAIL" in html and "heldout/nothing" in html
