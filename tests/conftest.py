@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,22 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+def _mlflow_runs(folder: Path) -> set[Path]:
+    return set(folder.glob("*/*")) if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_logged_into_the_repository():
+    """MLflow puts the artifacts of an experiment it creates itself in ./mlruns of the working
+    directory, here the repository: a test must create its experiment with them in its own tmp
+    folder (tests/mlflow_helpers.py). Errors the session's last test if one did not."""
+    repo_mlruns = Path(__file__).parents[1] / "mlruns"
+    before = _mlflow_runs(repo_mlruns)
+    yield
+    added = sorted(_mlflow_runs(repo_mlruns) - before)
+    assert not added, f"tests logged MLflow artifacts into the repository: {[str(p) for p in added[:3]]}"
 
 
 @pytest.fixture(scope="session")

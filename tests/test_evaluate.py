@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tasks import metrics
+from tests.mlflow_helpers import use_sqlite_store
 
 QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
 
@@ -282,8 +283,7 @@ def run_evaluate(storage: Path, **overrides):
     out = storage / "evaluate"
     out.mkdir(exist_ok=True)
     inputs = {name: storage / name for name in ("ingest", "embed", "train_prior", "train_decoder", "train_upsampler")}
-    mlflow.set_tracking_uri(f"sqlite:///{storage}/mlflow.db")
-    mlflow.set_experiment("unclip")
+    use_sqlite_store(storage / "mlflow.db")
     with mlflow.start_run(run_name="evaluate") as run:
         values = evaluate.run(cfg, StageContext("evaluate", storage, out, inputs, seed=0, show_progress=False))
     return values, run.info.run_id

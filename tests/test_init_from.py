@@ -14,6 +14,7 @@ import torch
 from models import checkpoint, sizes
 from tasks import register, training
 from tasks.stack import stack_parts
+from tests.mlflow_helpers import use_sqlite_store
 from tests.test_register import stack_storage  # noqa: F401  (fixture: embed/clip, pca/, train_*/ema)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def register_stack(storage: Path, uri: str, name: str, without: tuple[str, ...] = ()) -> str:
     """Log the stack of `storage` (less the parts `without`) as tasks.register does, register it
     as `name` with the alias `champion`; returns the version."""
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name("unclip") is None:  # artifacts next to the store, not in ./mlruns
-        mlflow.create_experiment("unclip", artifact_location=(Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri())
-    mlflow.set_experiment("unclip")
+    use_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     parts = stack_parts(storage)
     for part in without:
         parts[part] = None

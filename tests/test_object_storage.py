@@ -20,6 +20,7 @@ from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from pipelines.dag import Stage
 from pipelines.object_store import ObjectStore, ObjectStoreError
+from tests.mlflow_helpers import use_sqlite_store
 from tests.test_runner import DATA_HALF, QUICK, unclip
 
 
@@ -109,8 +110,7 @@ def test_quick_pipeline_on_s3_and_resume_from_a_fresh_mirror(bucket, tmp_path, m
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
     """One MLflow store for the in-process stage runs (creating a sqlite store takes seconds)."""
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
-    mlflow.set_experiment("unclip")
+    use_sqlite_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     yield
     mlflow.set_tracking_uri(None)
 

@@ -16,6 +16,7 @@ from models.pca import PcaBasis, fit_pca, quantile_edges
 from tasks.context import StageContext
 from tasks.pca import PcaConfig, dims_for_variance, fit_basis, run
 from tasks.schema import embedding_file, embedding_schema, embedding_table, load_pca, read_pca_meta, save_pca, write_embeddings
+from tests.mlflow_helpers import use_sqlite_store
 
 
 def _low_rank(n=600, d=48, rank=6, noise=1e-3, seed=0):
@@ -167,8 +168,7 @@ def test_run_writes_artifact_and_logs_to_mlflow(tmp_path):
     _write_table(embed_dir, z[:200], ["train"] * 150 + ["heldout"] * 50, "00000")
     _write_table(embed_dir, z[200:], ["train"] * 100, "00001")
     ctx = StageContext("pca", tmp_path, out, {"embed": embed_dir}, seed=0, show_progress=False)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-    mlflow.set_experiment("pca")  # not an experiment id another test left active in this process
+    use_sqlite_store(tmp_path / "m.db", "pca")  # not an experiment id another test left active in this process
     with mlflow.start_run() as active:
         counts = run(PcaConfig(kept_dims=8, num_buckets=16), ctx)
     assert counts["rows_fit"] == 250 and counts["rows_available"] == 250  # heldout excluded

@@ -28,6 +28,7 @@ from PIL import Image
 from tasks import register
 from tasks.context import StageContext
 from tasks.register import CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, RegisterConfig, decide
+from tests.mlflow_helpers import use_sqlite_store
 from tests.model_helpers import perturb
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,8 +75,7 @@ def register_version(storage: Path, uri: str, metrics: dict | None, cfg: Registe
         (storage / f"evaluate_{tag}").mkdir()
         (storage / f"evaluate_{tag}" / "metrics.json").write_text(json.dumps(metrics))
         inputs["evaluate"] = storage / f"evaluate_{tag}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("unclip")
+    use_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     with mlflow.start_run(run_name=f"register {tag}") as run:
         counts = register.run(cfg, StageContext("register", storage, out, inputs, show_progress=False))
     return counts, run.info.run_id

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from tests.bad_web import image_server, jpeg_bytes
+from tests.mlflow_helpers import use_sqlite_store
 
 QUICK = Path(__file__).parents[1] / "pipelines" / "configs" / "quick.yaml"
 
@@ -166,8 +167,7 @@ def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stage = Stage("synth", fake_synth, keep=("cache",))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("unclip")
+    use_sqlite_store(tmp_path / "mlflow.db")
     for n in (3, 4):
         runner.run_stage(stage, PipelineConfig.model_validate({"stages": ["synth"], "synth": {"n": n}}), tmp_path)
     out = tmp_path / "synth"

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests.mlflow_helpers import use_sqlite_store
 from tests.shards import write_shards
 
 
@@ -40,9 +41,7 @@ def run_stage(module, cfg, inputs: Inputs, storage: Path, name: str, extra_input
 
     out = storage / name
     out.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{storage}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("unclip")
+    uri = use_sqlite_store(storage / "mlflow.db")
     ctx = StageContext(name, storage, out, {"embed": inputs.embed, "ingest": inputs.ingest, **(extra_inputs or {})},
                        seed=0, show_progress=False)
     with mlflow.start_run(run_name=name) as run:
