@@ -34,6 +34,7 @@ from rich.console import Console
 from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
+from pipelines.nodes import check_storage_on_every_node
 from pipelines.object_store import ObjectStore, is_remote, local_storage
 from tasks.context import MANIFEST, StageContext
 
@@ -67,10 +68,13 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     store = ObjectStore.connect(cfg.storage) if remote else None
     if store:
         check_finished_inputs(stages, cfg, storage, planned, store)
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster:
         ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "_pipeline").mkdir(exist_ok=True)
+    if on_cluster:
+        check_storage_on_every_node(storage, store.uri if store else None)
     config_file = storage / "_pipeline" / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if store:
