@@ -39,12 +39,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import open_clip
+from models.clip_preprocess import ImagePreprocessor, wandb_not_imported
+
+with wandb_not_imported():
+    import open_clip
 from open_clip.loss import ClipLoss
 from open_clip.transformer import TextTransformer, text_global_pool
 
 from models.checkpoint import register
-from models.clip_preprocess import ImagePreprocessor
 from models.objective import Field, check_batch, data_parallel, detached
 
 # A tiny open_clip architecture for tests and the demo (about 3.5M parameters, 1.6M of which are the

@@ -10,6 +10,8 @@ Other resize modes fall back to open_clip's own transform (importing torch).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,21 @@ from PIL import Image
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "random": Image.Resampling.BICUBIC}
+
+
+@contextlib.contextmanager
+def wandb_not_imported():
+    """Imports inside see no wandb. timm (under open_clip) imports it when installed (img2dataset
+    requires it), and wandb makes two temporary directories at import that a Ray worker, stopped
+    rather than exiting, leaves in /tmp for good. Nothing here logs to wandb; it imports later as usual."""
+    blocked = "wandb" not in sys.modules
+    if blocked:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm expects
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("wandb", ...) is None:
+            del sys.modules["wandb"]
 
 
 class ImagePreprocessor:
@@ -37,7 +54,8 @@ class ImagePreprocessor:
 
     def _torchvision_steps(self):
         if self._fallback is None:
-            import open_clip
+            with wandb_not_imported():
+                import open_clip
 
             cfg = self.cfg
             size = tuple(cfg["size"]) if isinstance(cfg["size"], list) else cfg["size"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import open_clip
 import pytest
@@ -160,3 +164,19 @@ def test_torch_free_preprocessor_equals_open_clip(size):
     for step in steps:
         expected = step(expected)
     np.testing.assert_array_equal(ours(image), np.asarray(expected.convert("RGB")))
+
+
+def test_a_process_that_loads_clip_and_is_killed_leaves_nothing_in_tmp(tmp_path):
+    """A Ray worker that loaded CLIP is stopped, not exited: whatever its imports made in the
+    temporary directory stays there (wandb, imported by timm, made two folders per process)."""
+    code = ("import os, models.clip, sys; assert 'timm' in sys.modules; "
+            "print('wandb' in sys.modules, flush=True); os._exit(0)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert sorted(os.listdir(tmp_path)) == []
+    # and wandb, installed with img2dataset, still imports afterwards in a process that wants it
+    later = subprocess.run([sys.executable, "-c", "import models.clip, wandb; print(wandb.__name__)"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert later.stdout.strip() == "wandb", later.stderr
