@@ -112,6 +112,31 @@ def test_local_safetensors_checkpoint_round_trip(clip, tmp_path):
     torch.testing.assert_close(again.encode_text(tokens), clip.encode_text(tokens))
 
 
+def test_resnet_image_tower_carries_its_batchnorm_statistics_to_the_encoder(tmp_path):
+    """A CLIP with a ResNet image tower (open_clip's ModifiedResNet, as RN50's): the BatchNorm running
+    statistics learnt in training reach the exported encoder, which uses them (eval mode)."""
+    from models.clip import ClipConfig, ClipModel
+
+    arch = {**TINY_CLIP_ARCH, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}}
+    torch.manual_seed(0)
+    model = ClipModel(ClipConfig(arch)).train()
+    images = torch.rand(16, 3, 32, 32) * 0.5 + 0.5  # bright images: the statistics move from their init
+    tokens = open_clip.SimpleTokenizer(context_length=32)(["a red circle"] * 16)
+    with torch.no_grad():
+        for _ in range(5):
+            model(images, tokens)
+    path = save_clip_weights(model.encoder(), tmp_path / "resnet.safetensors")
+    loaded = load_clip(arch=arch, pretrained=str(path))
+    x = loaded.normalize((images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+    z = loaded.encode_image(x)
+    torch.testing.assert_close(z, model.eval().encoder().encode_image(x))
+    fresh_statistics = load_clip(arch=arch, pretrained=str(path))
+    for module in fresh_statistics.model.visual.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+    assert (fresh_statistics.encode_image(x) - z).abs().max() > 1e-2
+
+
 def test_mismatched_weights_file_is_a_clear_error(clip, tmp_path):
     path = save_clip_weights(clip, tmp_path / "tiny.safetensors")
     other = {**TINY_CLIP_ARCH, "embed_dim": 32}
