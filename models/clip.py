@@ -39,10 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from models.clip_preprocess import ImagePreprocessor, wandb_not_imported
+from models.clip_preprocess import ImagePreprocessor, import_open_clip
 
-with wandb_not_imported():
-    import open_clip
+open_clip = import_open_clip()
 from open_clip.loss import ClipLoss
 from open_clip.transformer import TextTransformer, text_global_pool
 

@@ -10,7 +10,6 @@ Other resize modes fall back to open_clip's own transform (importing torch).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any
 
@@ -21,19 +20,20 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
              "random": Image.Resampling.BICUBIC}
 
 
-@contextlib.contextmanager
-def wandb_not_imported():
-    """Imports inside see no wandb. timm (under open_clip) imports it when installed (img2dataset
-    requires it), and wandb makes two temporary directories at import that a Ray worker, stopped
-    rather than exiting, leaves in /tmp for good. Nothing here logs to wandb; it imports later as usual."""
+def import_open_clip():
+    """open_clip, imported with no wandb in sight. timm (under open_clip) imports wandb when it is
+    installed (img2dataset requires it), and wandb makes two temporary directories at import that a
+    Ray worker, stopped rather than exiting, leaves in /tmp for good. Nothing here logs to wandb;
+    it imports later as usual."""
     blocked = "wandb" not in sys.modules
     if blocked:
         sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm expects
     try:
-        yield
+        import open_clip
     finally:
         if blocked and sys.modules.get("wandb", ...) is None:
             del sys.modules["wandb"]
+    return open_clip
 
 
 class ImagePreprocessor:
@@ -54,9 +54,7 @@ class ImagePreprocessor:
 
     def _torchvision_steps(self):
         if self._fallback is None:
-            with wandb_not_imported():
-                import open_clip
-
+            open_clip = import_open_clip()
             cfg = self.cfg
             size = tuple(cfg["size"]) if isinstance(cfg["size"], list) else cfg["size"]
             transform = open_clip.image_transform(

@@ -34,11 +34,10 @@ class TrainClipConfig(training.TrainConfig):
 def pair_rows(batch: dict[str, Any], image_size: int, context_length: int, split: str, val_fraction: float) -> dict:
     """Ray Data UDF: webdataset rows → {"image": uint8 (B, S, S, 3), "text_tokens": int64 (B, L)}.
     Undecodable samples and held-out pairs are dropped (embed counts the former)."""
-    from models.clip_preprocess import wandb_not_imported
+    from models.clip_preprocess import import_open_clip
     from tasks.dataset import decoded_pairs
 
-    with wandb_not_imported():  # a Ray Data worker that has not loaded models.clip
-        from open_clip import SimpleTokenizer
+    SimpleTokenizer = import_open_clip().SimpleTokenizer  # a Ray Data worker may not have loaded models.clip
 
     images, captions = [], []
     for i, _, image in decoded_pairs(batch, split, val_fraction, image_size):
