@@ -129,6 +129,9 @@ def vary(
     batch_size: BatchSize = 16,
     decoder_steps: DecoderSteps = DEFAULT_STEPS,
     decoder_guidance: DecoderGuidance = None,
+    variation_guidance: Annotated[Optional[float], typer.Option(
+        min=0, help="decoder guidance of the variations' decoding, from z_i alone (default: the model's recorded "
+        "one, as evaluate measured them; else the inversion's, --decoder-guidance)")] = None,
     upsampler_steps: UpsamplerSteps = UPSAMPLER_STEPS,
     device: Device = None,
     tracking_uri: TrackingUri = None,
@@ -142,12 +145,14 @@ def vary(
             import torch
 
             guidance = _manipulation_guidance(stack, decoder_guidance)
+            if variation_guidance is None:
+                variation_guidance = float(stack.sampling.get("variation_guidance", guidance))
             ups = _upsampler_stages(stack, upsampler_steps)
             generator = _generator(stack, seed)
             rows = []
             for path, picture in zip(image, inputs):
                 z_i, x_T = _invert(stack, picture, decoder_steps, guidance)
-                drawn = [stack.unclip.variations(z_i, x_T, len(chunk), eta=eta, steps=decoder_steps, guidance_scale=guidance,
+                drawn = [stack.unclip.variations(z_i, x_T, len(chunk), eta=eta, steps=decoder_steps, guidance_scale=variation_guidance,
                                                  generator=generator, upsamplers=ups)
                          for chunk in _batches(range(n), batch_size, f"varying {path.name}", progress)]
                 rows.append((f"{path.name}: {n} variations, eta {eta:g}", [picture, *to_uint8(torch.cat(drawn))]))

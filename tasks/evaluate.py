@@ -35,7 +35,8 @@ Synthetic shapes only (scorer, images scored at >= score_size px):
   two_object_acc (both objects' colour and shape right, nothing else seen) for two-object prompts;
   with suffix _base: the decoder's output before the upsampler (bicubic to the same size);
   _text_emb: the zero-shot baseline; _real: the real images (the scorer's own error)
-Sections 3-4 (first split, tasks.manipulations, at decoder_guidance): inversion_psnr; variation_consistency (synthetic shapes)
+Sections 3-4 (first split, tasks.manipulations, at decoder_guidance): inversion_psnr; variation_consistency (synthetic
+  shapes; decoded at variation_guidance)
 Global: images, images_per_s, aesthetic_probe_r2, real_stats_cached (splits whose real features came from the
 cache), and wall times setup_s, read_s, real_features_s, generate_s, metrics_s, outputs_s, evaluate_s.
 """
@@ -97,6 +98,10 @@ class EvaluateConfig(BaseModel):
     grid_rows: int = Field(8, ge=1, le=64, description="captions per sample grid")
     manipulation_images: int = Field(8, ge=0, description="held-out images inverted and interpolated (section 3), "
                                      "at decoder_guidance (inversion included); 0: none (no variations either)")
+    variation_guidance: float | None = Field(
+        None, ge=0, description="decoder guidance of the eta = 1 variations, decoded from z_i alone (no caption: a "
+        "weaker signal, which can take more guidance than text; the inversion stays at decoder_guidance); default: "
+        "decoder_guidance. Also `unclip vary`'s default (register.sampling)")
     variation_images: int = Field(96, ge=0, description="held-out one-object images varied once each (eta 1) for "
                                   "variation_consistency (synthetic shapes); a few make it a coin toss; 0: not measured")
     inversion_steps: int = Field(100, ge=1, description="DDIM steps of the inversion and its eta = 0 reconstruction "
@@ -687,7 +692,8 @@ def manipulate(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, score_si
     n = min(cfg.manipulation_images, len(data.keys))
     settings = manipulations.Settings(steps=cfg.decoder_steps, inversion_steps=cfg.inversion_steps,
                                       upsampler_steps=cfg.upsampler_steps, images=max(n, 2), guidance=cfg.decoder_guidance,
-                                      variation_images=min(cfg.variation_images, len(data.keys)))
+                                      variation_images=min(cfg.variation_images, len(data.keys)),
+                                      variation_guidance=cfg.variation_guidance)
     return manipulations.run(stack, data.images, data.image_emb, data.captions, data.objects, settings,
                              out_dir / "manipulations", score_size)
 
@@ -774,7 +780,9 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps, eta {cfg.decoder_eta:g}), sweep {cfg.guidance_sweep()} and the "
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
         *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
-           f"{cfg.decoder_guidance:g}, inversion included."] if cfg.manipulation_images > 0 else []),
+           f"{cfg.decoder_guidance:g}, inversion included"
+           + ("." if cfg.variation_guidance is None else f"; the eta = 1 variations decoded at {cfg.variation_guidance:g}.")]
+          if cfg.manipulation_images > 0 else []),
         "fd_clip is a Fréchet distance on CLIP image features (not FID, whose features are Inception's); "
         "fd_clip_real_halves is its value between two halves of the real images: the floor at this sample size.",
         f"Aesthetic probe: {probe.source}; R² on held-out ratings {probe.r2:.3f}." if probe is not None else

@@ -33,6 +33,7 @@ class Settings:
     variations: int = 4  # eta = 1 variations of each of the strip's two images
     frames: int = 6  # interpolation and text-diff frames
     guidance: float = 1.0  # decoder guidance of the manipulations, inversion included (evaluate: its decoder_guidance)
+    variation_guidance: float | None = None  # the eta = 1 variations' decoding (z_i alone); None: guidance
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -98,8 +99,9 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     vary = order[: max(scored, 2)]  # starts with `pick`'s first two: the strip's
     z_vary = torch.from_numpy(image_emb[vary]).float().to(device)
     x_T_vary = unclip.invert(_tensor(images[vary], device), z_vary, **common)
+    varying = dict(common, guidance_scale=settings.guidance if settings.variation_guidance is None else settings.variation_guidance)
     if scored:
-        varied = to_uint8(unclip.variations(z_vary, x_T_vary, 1, eta=1.0, generator=generator, upsamplers=ups, **common))
+        varied = to_uint8(unclip.variations(z_vary, x_T_vary, 1, eta=1.0, generator=generator, upsamplers=ups, **varying))
         single = [k for k, i in enumerate(vary) if len(json.loads(objects[i])) == 1]
         if single:
             acc = scene_accuracy(varied[single], [objects[vary[k]] for k in single], score_size)
@@ -108,7 +110,7 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
 
     strips = []
     n = settings.variations
-    shown = to_uint8(unclip.variations(z_vary[:2], x_T_vary[:2], n, eta=1.0, generator=generator, upsamplers=ups, **common))
+    shown = to_uint8(unclip.variations(z_vary[:2], x_T_vary[:2], n, eta=1.0, generator=generator, upsamplers=ups, **varying))
     rows = [(f"{captions[i]}: real | {n} variations (eta 1)", [images[i], *shown[k * n:(k + 1) * n]])
             for k, i in enumerate(vary[:2])]
     strips.append(to_png(captioned_grid(rows, stack.image_size), out_dir / "variations.png"))

@@ -53,6 +53,8 @@ class SamplingDefaults(BaseModel):
     decoder_guidance: float | None = Field(None, ge=0, description="default: evaluate.decoder_guidance, the scale the "
                                            "model was evaluated at (Karlo's 8 is for a 3.5B-parameter decoder)")
     decoder_eta: float | None = Field(None, ge=0, description="default: evaluate.decoder_eta (DDIM eta; 1: ancestral)")
+    variation_guidance: float | None = Field(None, ge=0, description="`unclip vary`'s decoder guidance of the variations "
+                                             "(the served model draws from text); default: evaluate's")
     upsampler_steps: int = Field(7, ge=1)
     batch_size: int = Field(16, ge=1, description="prompts drawn at once")
     device: str | None = Field(None, description="default: cuda when available, else cpu")

@@ -40,7 +40,8 @@ MARKER = {"clip": "clip_spec.json", "prior": "config.json", "decoder": "config.j
 # by `unclip sample` and the served model. Decoder guidance 8 suits Karlo's 3.5B-parameter decoder.
 KARLO_SAMPLING = {"prior_steps": 25, "prior_guidance": 4.0, "decoder_steps": 50, "decoder_guidance": 8.0,
                   "decoder_eta": 0.0, "upsampler_steps": 7}
-SAMPLING_KEYS = tuple(KARLO_SAMPLING)  # the settings a run records (register.sampling) and sampling takes
+# the settings a run records (register.sampling) and sampling takes; variation_guidance is `unclip vary`'s only
+SAMPLING_KEYS = (*KARLO_SAMPLING, "variation_guidance")
 RUN_CONFIG = Path("_pipeline") / "config.yaml"  # the pipeline config a run wrote (pipelines.runner)
 
 

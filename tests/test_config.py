@@ -30,6 +30,10 @@ def test_registered_model_samples_at_the_evaluated_guidance_and_eta_unless_set()
     assert load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_eta=1"]).register.sampling.decoder_eta == 1
     cfg = load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_eta=1", "register.sampling.decoder_eta=0.5"])
     assert cfg.register.sampling.decoder_eta == 0.5
+    # `unclip vary` decodes at the guidance evaluate's variations were measured at
+    assert load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_guidance=1.5"]).register.sampling.variation_guidance == 1.5
+    cfg = load_config(CONFIGS / "quick.yaml", ["evaluate.decoder_guidance=1.5", "evaluate.variation_guidance=3"])
+    assert cfg.register.sampling.variation_guidance == 3 and cfg.register.sampling.decoder_guidance == 1.5
 
 
 @pytest.mark.parametrize(

@@ -298,11 +298,20 @@ FIRST_SPLIT = ["fd_clip_text_emb", "clip_score_text_emb", "one_object_colour_acc
                "guidance_1/fd_clip", "guidance_2/fd_clip", "guidance_1/aesthetic", "guidance_2/diversity", "guidance_2/recall"]
 
 
-def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
+def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage, monkeypatch):
     import mlflow
 
+    from models.unclip import UnCLIP
+
+    guidance = {"invert": set(), "variations": set()}  # the manipulations run on the driver, in this process
+    for name in guidance:
+        def spy(self, *args, _name=name, _method=getattr(UnCLIP, name), **kwargs):
+            guidance[_name].add(kwargs["guidance_scale"])
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(UnCLIP, name, spy)
     bars = ["heldout/one_object_colour_acc_real >= 0.9", "heldout/fd_clip_real_halves < heldout/fd_clip", "heldout/nothing > 0"]
-    values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4, variation_images=6)
+    values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4, variation_images=6, variation_guidance=3.0)
+    assert guidance == {"invert": {2.0}, "variations": {3.0}}
     out = stack_storage / "evaluate"
     saved = json.loads((out / "metrics.json").read_text())
     expected = [f"{s}/{k}" for s in ("heldout", "validation") for k in PER_SPLIT] + [f"heldout/{k}" for k in FIRST_SPLIT]
@@ -329,7 +338,8 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 7 and "heldout/fd_clip" in html and "src=\"http" not in html
     assert "Quality bars" in html and "FAIL" in html and "heldout/nothing" in html
-    assert "Sections 3-4 (variations, interpolation, text diff, PCA probe) on heldout images: decoder guidance 2," in html
+    assert ("Sections 3-4 (variations, interpolation, text diff, PCA probe) on heldout images: decoder guidance 2, "
+            "inversion included; the eta = 1 variations decoded at 3.") in html
     client = mlflow.MlflowClient(f"sqlite:///{stack_storage}/mlflow.db")
     logged = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "grids")}
     assert {"metrics.json", "report.html", "fd_vs_guidance.png", "grids/heldout_one_object.png"} <= logged

@@ -145,16 +145,18 @@ def test_same_seed_same_grid_other_seed_other_grid(storage, tmp_path):
     assert draw("a.png", 0) == draw("b.png", 0) != draw("c.png", 1)
 
 
-def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float, decoder_eta: float = 0.0) -> Path:
+def recorded_run(storage: Path, tmp_path: Path, decoder_guidance: float, decoder_eta: float = 0.0,
+                 variation_guidance: float | None = None) -> Path:
     """A run directory over the fixture's parts whose config records sampling settings (evaluate's
     decoder guidance and eta, register.sampling's fast steps)."""
     from pipelines.config import validate
 
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     for part in ("embed", "pca", "train_prior", "train_decoder", "train_upsampler"):
         (run / part).symlink_to(storage / part)
-    cfg = validate({"evaluate": {"decoder_guidance": decoder_guidance, "decoder_eta": decoder_eta},
+    cfg = validate({"evaluate": {"decoder_guidance": decoder_guidance, "decoder_eta": decoder_eta,
+                                 "variation_guidance": variation_guidance},
                     "register": {"sampling": {"prior_steps": 3, "prior_guidance": 2, "decoder_steps": 3, "upsampler_steps": 2}}})
     (run / "_pipeline").mkdir()
     (run / "_pipeline" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -202,9 +204,12 @@ def test_vary(storage, tmp_path):
 def test_vary_defaults_to_the_runs_recorded_decoder_guidance(storage, tmp_path):
     """Variations (and their inversion) at the guidance evaluate measured them with; 1 without a record."""
     run = recorded_run(storage, tmp_path, decoder_guidance=2.0)
+    varied_more = recorded_run(storage, tmp_path / "more", decoder_guidance=2.0, variation_guidance=3.0)
     drawn = {}
     for name, model, options in (("recorded", run, []), ("explicit_2", storage, ["--decoder-guidance", 2]),
-                                 ("explicit_1", storage, ["--decoder-guidance", 1]), ("unrecorded", storage, [])):
+                                 ("explicit_1", storage, ["--decoder-guidance", 1]), ("unrecorded", storage, []),
+                                 ("recorded_3", varied_more, []),
+                                 ("explicit_2_3", storage, ["--decoder-guidance", 2, "--variation-guidance", 3])):
         out = tmp_path / f"{name}.png"
         result = unclip("vary", "--model", model, "--image", storage / "in0.png", "--n", 2, *FAST, *options, "--out", out)
         assert result.exit_code == 0, result.output
@@ -212,6 +217,9 @@ def test_vary_defaults_to_the_runs_recorded_decoder_guidance(storage, tmp_path):
     assert np.array_equal(drawn["recorded"], drawn["explicit_2"])
     assert np.array_equal(drawn["unrecorded"], drawn["explicit_1"])
     assert not np.array_equal(drawn["recorded"], drawn["explicit_1"])
+    # evaluate's variation_guidance decodes the variations (the inversion stays at decoder_guidance)
+    assert np.array_equal(drawn["recorded_3"], drawn["explicit_2_3"])
+    assert not np.array_equal(drawn["recorded_3"], drawn["recorded"])
 
 
 def test_interpolate(storage, tmp_path):
