@@ -44,7 +44,7 @@ Seed = Annotated[int, typer.Option(help="random seed (same seed and batch size: 
 BatchSize = Annotated[int, typer.Option(min=1, help="images decoded at once")]
 DecoderSteps = Annotated[int, typer.Option(min=1, help="decoder DDIM steps (also the inversion's)")]
 DecoderGuidance = Annotated[Optional[float], typer.Option(min=0, help="decoder classifier-free guidance, the inversion's too (default: the "
-                                                          "model's recorded one, as evaluate's variations; 1 when none is recorded)")]
+                                                          "model's recorded one, evaluate's decoder_guidance; 1 when none is recorded)")]
 UpsamplerSteps = Annotated[int, typer.Option(min=1, help="upsampler DDIM steps")]
 Device = Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available, else cpu)")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking/registry URI for models:/ URIs (default: MLFLOW_TRACKING_URI)")]
