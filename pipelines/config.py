@@ -98,9 +98,7 @@ class PipelineConfig(BaseModel):
         if self.register.sampling.decoder_eta is None:
             self.register.sampling.decoder_eta = self.evaluate.decoder_eta
         if self.register.sampling.variation_guidance is None:
-            evaluate = self.evaluate
-            self.register.sampling.variation_guidance = (evaluate.decoder_guidance if evaluate.variation_guidance is None
-                                                         else evaluate.variation_guidance)
+            self.register.sampling.variation_guidance = self.evaluate.variation_scale()
         return self
 
     def stage_config(self, stage: str) -> BaseModel:

@@ -131,6 +131,10 @@ class EvaluateConfig(BaseModel):
     def guidance_sweep(self) -> list[float]:
         return sorted(set(self.decoder_guidance_scales) | {self.decoder_guidance})
 
+    def variation_scale(self) -> float:
+        """The decoder guidance the variations are decoded at."""
+        return self.decoder_guidance if self.variation_guidance is None else self.variation_guidance
+
 
 BAR = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s*$")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
@@ -693,7 +697,7 @@ def manipulate(cfg: EvaluateConfig, ctx: StageContext, data: SplitData, score_si
     settings = manipulations.Settings(steps=cfg.decoder_steps, inversion_steps=cfg.inversion_steps,
                                       upsampler_steps=cfg.upsampler_steps, images=max(n, 2), guidance=cfg.decoder_guidance,
                                       variation_images=min(cfg.variation_images, len(data.keys)),
-                                      variation_guidance=cfg.variation_guidance)
+                                      variation_guidance=cfg.variation_scale())
     return manipulations.run(stack, data.images, data.image_emb, data.captions, data.objects, settings,
                              out_dir / "manipulations", score_size)
 

@@ -33,7 +33,7 @@ class Settings:
     variations: int = 4  # eta = 1 variations of each of the strip's two images
     frames: int = 6  # interpolation and text-diff frames
     guidance: float = 1.0  # decoder guidance of the manipulations, inversion included (evaluate: its decoder_guidance)
-    variation_guidance: float | None = None  # the eta = 1 variations' decoding (z_i alone); None: guidance
+    variation_guidance: float = 1.0  # the eta = 1 variations' decoding, from z_i alone (evaluate: its variation_guidance)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def run(stack, images: np.ndarray, image_emb: np.ndarray, captions: list[str], o
     vary = order[: max(scored, 2)]  # starts with `pick`'s first two: the strip's
     z_vary = torch.from_numpy(image_emb[vary]).float().to(device)
     x_T_vary = unclip.invert(_tensor(images[vary], device), z_vary, **common)
-    varying = dict(common, guidance_scale=settings.guidance if settings.variation_guidance is None else settings.variation_guidance)
+    varying = dict(common, guidance_scale=settings.variation_guidance)
     if scored:
         varied = to_uint8(unclip.variations(z_vary, x_T_vary, 1, eta=1.0, generator=generator, upsamplers=ups, **varying))
         single = [k for k, i in enumerate(vary) if len(json.loads(objects[i])) == 1]
