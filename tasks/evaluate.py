@@ -17,7 +17,9 @@ images to draw); the headline metrics at `decoder_guidance` run on every split.
 Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   fd_clip, fd_clip_text_emb, fd_clip_real_halves     Fréchet distance on CLIP image features: full stack,
                                                      z_t decoded directly, and two halves of the real
-                                                     images (the floor for this many images)
+                                                     images (the floor for this many images); with
+                                                     frechet_prompts, the first split's pair on one image
+                                                     per caption (frechet_prompts: how many captions)
   fid, fid_text_emb                                  the same with the FID Inception (only with inception_weights)
   clip_score, clip_score_text_emb, clip_score_real   mean cos(CLIP image embedding, caption z_t)
   diversity                                          mean pairwise CLIP distance (1 - cos) among one prompt's samples
@@ -72,6 +74,11 @@ class EvaluateConfig(BaseModel):
         description="which captions to draw for; the guidance sweep and 5.1 baseline use the first")
     num_prompts: int = Field(32, ge=2, description="captions per split (the first by key)")
     samples_per_prompt: int = Field(2, ge=1, description="images per caption (diversity needs 2 or more)")
+    frechet_prompts: int | None = Field(
+        None, ge=2, description="the 5.1 comparison's captions on the first split: the full stack and z_t decoded "
+        "draw one image for each of this many (the paper's protocol), for fd_clip / fd_clip_text_emb (and fid); a "
+        "Fréchet distance against real images of many captions is dominated by how many captions the generated set "
+        "covers. Default: the num_prompts x samples_per_prompt images of the other metrics")
     real_images: int = Field(1024, ge=4, description="real images per split for the Fréchet statistics")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="the validation split's share (as the training stages')")
     which: Literal["ema", "best"] = Field("ema", description="each training stage's final EMA or its best by validation loss")
@@ -527,17 +534,20 @@ class Job:
 
 
 def make_jobs(cfg: EvaluateConfig, data: dict[str, SplitData], seed: int) -> list[Job]:
-    """Ordered so that a batch holds one (mode, guidance) as far as possible."""
-    plan: list[tuple[str, str, float]] = []
+    """num_prompts x samples_per_prompt images per (split, mode, guidance), and on the first
+    split's 5.1 pair one image for each further caption up to frechet_prompts. Ordered so that a
+    batch holds one (mode, guidance) as far as possible."""
+    plan: list[tuple[str, str, float, int]] = []
     for i, split in enumerate(cfg.splits):
-        scales = cfg.guidance_sweep() if i == 0 else [cfg.decoder_guidance]
-        plan += [(split, "stack", g) for g in scales]
+        paired = max(cfg.num_prompts, cfg.frechet_prompts or 0) if i == 0 else cfg.num_prompts
+        plan += [(split, "stack", g, paired if g == cfg.decoder_guidance else cfg.num_prompts)
+                 for g in (cfg.guidance_sweep() if i == 0 else [cfg.decoder_guidance])]
         if i == 0:
-            plan.append((split, "text_emb", cfg.decoder_guidance))
+            plan.append((split, "text_emb", cfg.decoder_guidance, paired))
     jobs = []
-    for split, mode, guidance in plan:
-        for p in range(min(cfg.num_prompts, len(data[split].keys))):
-            for s in range(cfg.samples_per_prompt):
+    for split, mode, guidance, prompts in plan:
+        for p in range(min(prompts, len(data[split].keys))):
+            for s in range(cfg.samples_per_prompt if p < cfg.num_prompts else 1):
                 n = len(jobs)
                 jobs.append(Job(n, split, p, s, mode, guidance, data[split].captions[p], seed * 1_000_003 + n))
     return jobs
@@ -592,8 +602,11 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
     references and, on the first split, the z_t baseline (suffix _text_emb) and the sweep."""
     from tasks.metrics import frechet_distance, mean_cosine, scene_accuracy
 
-    def image_set(mode: str, guidance: float) -> tuple[np.ndarray, dict[str, float]]:
-        idx = np.array([j.job for j in jobs if j.split == data.name and j.mode == mode and j.guidance == guidance], np.int64)
+    def image_set(mode: str, guidance: float, one_per_caption: int | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """num_prompts x samples_per_prompt images, or sample 0 of the first one_per_caption captions"""
+        idx = np.array([j.job for j in jobs if j.split == data.name and j.mode == mode and j.guidance == guidance
+                        and (j.prompt < cfg.num_prompts if one_per_caption is None else j.prompt < one_per_caption and j.sample == 0)],
+                       np.int64)
         prompts = np.array([jobs[i].prompt for i in idx])
         return idx, image_set_metrics(data, prompts, drawn, idx, probe, score_size)
 
@@ -631,13 +644,18 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
     if first:
         headline = {k: v for k, v in m.items() if not k.endswith("_real")}
         _, zero_shot = image_set("text_emb", cfg.decoder_guidance)
-        m.update({f"{k}_text_emb": v for k, v in zero_shot.items() 
+        m.update({f"{k}_text_emb": v for k, v in zero_shot.items()
                   if k in ("fd_clip", "fid", "clip_score") or k.endswith("_acc")})
-        for g in cfg.guidance_sweep():
+        for g in cfg.guidance_sweep():  # every scale on the same num_prompts x samples_per_prompt images
             swept = headline if g == cfg.decoder_guidance else image_set("stack", g)[1]
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
                       if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")
                       or k.startswith("one_object_")})
+        if cfg.frechet_prompts is not None:  # the 5.1 pair's Fréchet distances, one image per caption
+            for mode, suffix in (("stack", ""), ("text_emb", "_text_emb")):
+                paired = image_set(mode, cfg.decoder_guidance, cfg.frechet_prompts)[1]
+                m.update({f"{k}{suffix}": paired[k] for k in ("fd_clip", "fid") if k in paired})
+            m["frechet_prompts"] = float(min(cfg.frechet_prompts, len(data.keys)))
     return m
 
 
@@ -653,7 +671,7 @@ def write_grids(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: di
 
     by_prompt: dict[int, dict[str, list]] = {}
     for j in jobs:
-        if j.split != data.name:
+        if j.split != data.name or j.prompt >= cfg.num_prompts:  # not the 5.1 pair's one-image captions
             continue
         if j.mode == "stack" and j.guidance == cfg.decoder_guidance:
             by_prompt.setdefault(j.prompt, {"stack": [], "text_emb": []})["stack"].append(drawn["image"][j.job])
@@ -783,6 +801,8 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"{len(jobs)} images: {cfg.num_prompts} captions per split ({', '.join(cfg.splits)}) x {cfg.samples_per_prompt} samples; "
         f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps, eta {cfg.decoder_eta:g}), sweep {cfg.guidance_sweep()} and the "
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
+        *([f"fd_clip and fd_clip_text_emb on {cfg.splits[0]}: one image for each of {cfg.frechet_prompts} captions (the "
+           "paper's 5.1 protocol); the guidance sweep's on the images above."] if cfg.frechet_prompts else []),
         *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
            f"{cfg.decoder_guidance:g}, inversion included"
            + ("." if cfg.variation_guidance is None else f"; the eta = 1 variations decoded at {cfg.variation_guidance:g}.")]
