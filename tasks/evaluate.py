@@ -17,9 +17,7 @@ images to draw); the headline metrics at `decoder_guidance` run on every split.
 Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   fd_clip, fd_clip_text_emb, fd_clip_real_halves     Fréchet distance on CLIP image features: full stack,
                                                      z_t decoded directly, and two halves of the real
-                                                     images (the floor for this many images); with
-                                                     frechet_prompts, the first split's pair on one image
-                                                     per caption (frechet_prompts: how many captions)
+                                                     images (the floor for this many images)
   fid, fid_text_emb                                  the same with the FID Inception (only with inception_weights)
   clip_score, clip_score_text_emb, clip_score_real   mean cos(CLIP image embedding, caption z_t)
   diversity                                          mean pairwise CLIP distance (1 - cos) among one prompt's samples
@@ -29,6 +27,8 @@ Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   prior_cos_image, prior_cos_text                    cos(ẑ_i, z_i), cos(ẑ_i, z_t) for the prior's samples ẑ_i
   text_cos_image                                     cos(z_t, z_i): the text baseline
   prior_cos_unrelated                                cos(ẑ_i of another pair's caption, z_i)
+  headline_prompts                                   with headline_prompts (first split): the captions drawn once
+                                                     each for the headline metrics and the z_t baseline
   guidance_<g>/{fd_clip,fid,clip_score,diversity,precision,recall,aesthetic,one_object_*}   the guidance sweep (first split)
 hf_share, hf_share_bicubic, hf_share_real: spectral power above the decoder's Nyquist of the upsampled
   output, of bicubic upsampling of the same base image, of real images; hf_gap(_bicubic): |log| ratio to real
@@ -74,11 +74,12 @@ class EvaluateConfig(BaseModel):
         description="which captions to draw for; the guidance sweep and 5.1 baseline use the first")
     num_prompts: int = Field(32, ge=2, description="captions per split (the first by key)")
     samples_per_prompt: int = Field(2, ge=1, description="images per caption (diversity needs 2 or more)")
-    frechet_prompts: int | None = Field(
-        None, ge=2, description="the 5.1 comparison's captions on the first split: the full stack and z_t decoded "
-        "draw one image for each of this many (the paper's protocol), for fd_clip / fd_clip_text_emb (and fid); a "
-        "Fréchet distance against real images of many captions is dominated by how many captions the generated set "
-        "covers. Default: the num_prompts x samples_per_prompt images of the other metrics")
+    headline_prompts: int | None = Field(
+        None, ge=2, description="the first split's headline metrics, of the full stack and of z_t decoded (fd_clip, "
+        "clip_score, precision/recall, the scorer's accuracies, the prior's cosines), on one image for each of this many "
+        "captions, the paper's protocol: a Fréchet distance or recall against real images of many captions mostly "
+        "measures how many captions the generated set covers, and an accuracy on a few captions is a coin toss. "
+        "Diversity and the guidance sweep stay on num_prompts x samples_per_prompt. Default: everything on those")
     real_images: int = Field(1024, ge=4, description="real images per split for the Fréchet statistics")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="the validation split's share (as the training stages')")
     which: Literal["ema", "best"] = Field("ema", description="each training stage's final EMA or its best by validation loss")
@@ -535,11 +536,11 @@ class Job:
 
 def make_jobs(cfg: EvaluateConfig, data: dict[str, SplitData], seed: int) -> list[Job]:
     """num_prompts x samples_per_prompt images per (split, mode, guidance), and on the first
-    split's 5.1 pair one image for each further caption up to frechet_prompts. Ordered so that a
-    batch holds one (mode, guidance) as far as possible."""
+    split's stack and z_t at decoder_guidance one image for each further caption up to
+    headline_prompts. Ordered so that a batch holds one (mode, guidance) as far as possible."""
     plan: list[tuple[str, str, float, int]] = []
     for i, split in enumerate(cfg.splits):
-        paired = max(cfg.num_prompts, cfg.frechet_prompts or 0) if i == 0 else cfg.num_prompts
+        paired = max(cfg.num_prompts, cfg.headline_prompts or 0) if i == 0 else cfg.num_prompts
         plan += [(split, "stack", g, paired if g == cfg.decoder_guidance else cfg.num_prompts)
                  for g in (cfg.guidance_sweep() if i == 0 else [cfg.decoder_guidance])]
         if i == 0:
@@ -599,7 +600,8 @@ def image_set_metrics(data: SplitData, prompts: np.ndarray, drawn: dict[str, np.
 def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: dict[str, np.ndarray], probe,
                   first: bool, score_size: int) -> dict[str, float]:
     """The headline metrics (full stack at decoder_guidance), the prior's, the real images'
-    references and, on the first split, the z_t baseline (suffix _text_emb) and the sweep."""
+    references and, on the first split, the z_t baseline (suffix _text_emb) and the sweep; the
+    first split's headline and z_t on one image per caption when headline_prompts is set."""
     from tasks.metrics import frechet_distance, mean_cosine, scene_accuracy
 
     def image_set(mode: str, guidance: float, one_per_caption: int | None = None) -> tuple[np.ndarray, dict[str, float]]:
@@ -610,7 +612,14 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         prompts = np.array([jobs[i].prompt for i in idx])
         return idx, image_set_metrics(data, prompts, drawn, idx, probe, score_size)
 
+    one_each = cfg.headline_prompts if first else None
     main, m = image_set("stack", cfg.decoder_guidance)
+    headline = dict(m)  # the guidance sweep's entry at decoder_guidance
+    if one_each is not None:
+        main, m = image_set("stack", cfg.decoder_guidance, one_each)
+        if "diversity" in headline:  # takes several samples of a caption
+            m["diversity"] = headline["diversity"]
+        m["headline_prompts"] = float(len(main))
     half = len(data.clip) // 2
     m["fd_clip_real_halves"] = frechet_distance(data.clip[:half], data.clip[half:])
     m["clip_score_real"] = mean_cosine(data.clip, data.text_emb)
@@ -642,8 +651,7 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         m["hf_gap_bicubic"] = abs(float(np.log(max(m["hf_share_bicubic"], 1e-12) / max(m["hf_share_real"], 1e-12))))
 
     if first:
-        headline = {k: v for k, v in m.items() if not k.endswith("_real")}
-        _, zero_shot = image_set("text_emb", cfg.decoder_guidance)
+        _, zero_shot = image_set("text_emb", cfg.decoder_guidance, one_each)
         m.update({f"{k}_text_emb": v for k, v in zero_shot.items()
                   if k in ("fd_clip", "fid", "clip_score") or k.endswith("_acc")})
         for g in cfg.guidance_sweep():  # every scale on the same num_prompts x samples_per_prompt images
@@ -651,11 +659,6 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
                       if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")
                       or k.startswith("one_object_")})
-        if cfg.frechet_prompts is not None:  # the 5.1 pair's Fréchet distances, one image per caption
-            for mode, suffix in (("stack", ""), ("text_emb", "_text_emb")):
-                paired = image_set(mode, cfg.decoder_guidance, cfg.frechet_prompts)[1]
-                m.update({f"{k}{suffix}": paired[k] for k in ("fd_clip", "fid") if k in paired})
-            m["frechet_prompts"] = float(min(cfg.frechet_prompts, len(data.keys)))
     return m
 
 
@@ -801,8 +804,9 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"{len(jobs)} images: {cfg.num_prompts} captions per split ({', '.join(cfg.splits)}) x {cfg.samples_per_prompt} samples; "
         f"decoder guidance {cfg.decoder_guidance:g} ({cfg.decoder_steps} steps, eta {cfg.decoder_eta:g}), sweep {cfg.guidance_sweep()} and the "
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
-        *([f"fd_clip and fd_clip_text_emb on {cfg.splits[0]}: one image for each of {cfg.frechet_prompts} captions (the "
-           "paper's 5.1 protocol); the guidance sweep's on the images above."] if cfg.frechet_prompts else []),
+        *([f"The headline metrics and the z_t baseline on {cfg.splits[0]}: one image for each of "
+           f"{int(metrics[f'{cfg.splits[0]}/headline_prompts'])} captions (the paper's protocol); diversity and the "
+           "guidance sweep on the images above."] if cfg.headline_prompts else []),
         *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
            f"{cfg.decoder_guidance:g}, inversion included"
            + ("." if cfg.variation_guidance is None else f"; the eta = 1 variations decoded at {cfg.variation_guidance:g}.")]

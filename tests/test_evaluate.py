@@ -101,10 +101,10 @@ def test_bars_compare_with_numbers_and_metrics_and_name_what_is_missing():
         evaluate.EvaluateConfig(bars=["a/acc = 1"])
 
 
-def test_frechet_prompts_compare_the_stack_and_z_t_on_one_image_per_caption():
-    """With frechet_prompts, the first split's stack and z_t draw one image for each of that many
-    captions and their fd_clip come from those images alone (scipy's formula); the guidance sweep,
-    grids and other metrics keep num_prompts x samples_per_prompt."""
+def test_headline_prompts_measure_the_stack_and_z_t_on_one_image_per_caption():
+    """With headline_prompts, the first split's stack and z_t draw one image for each of that many
+    captions and their headline metrics come from those images alone (fd against scipy's formula);
+    diversity and the guidance sweep keep num_prompts x samples_per_prompt, as the other splits."""
     from tasks import evaluate
 
     rng = np.random.default_rng(0)
@@ -113,10 +113,10 @@ def test_frechet_prompts_compare_the_stack_and_z_t_on_one_image_per_caption():
                                       rng.normal(size=(n, d)), rng.normal(size=(n, d)), np.zeros((n, 8, 8, 3), np.uint8),
                                       None, rng.normal(size=(n, d)))
             for split in ("heldout", "validation")}
-    cfg = evaluate.EvaluateConfig(num_prompts=3, samples_per_prompt=2, frechet_prompts=20, decoder_guidance=2.0,
+    cfg = evaluate.EvaluateConfig(num_prompts=3, samples_per_prompt=2, headline_prompts=20, decoder_guidance=2.0,
                                   decoder_guidance_scales=[1.0, 2.0])
     jobs = evaluate.make_jobs(cfg, data, seed=0)
-    count = lambda split, mode, g: sum(j.split == split and j.mode == mode and j.guidance == g for j in jobs)
+    count = lambda split, mode, g: sum(j.split == split and j.mode == mode and j.guidance == g for j in jobs)  # noqa: E731
     assert [count("heldout", "stack", 2.0), count("heldout", "text_emb", 2.0), count("heldout", "stack", 1.0),
             count("validation", "stack", 2.0)] == [3 * 2 + 17, 3 * 2 + 17, 6, 6]
     drawn = {"clip": rng.normal(size=(len(jobs), d)), "image": np.zeros((len(jobs), 8, 8, 3), np.uint8),
@@ -124,18 +124,21 @@ def test_frechet_prompts_compare_the_stack_and_z_t_on_one_image_per_caption():
     drawn["base"] = drawn["image"]
     m = evaluate.split_metrics(cfg, data["heldout"], jobs, drawn, None, True, 64)
 
-    def features(mode: str, keep) -> np.ndarray:
-        return drawn["clip"][[j.job for j in jobs if j.split == "heldout" and j.mode == mode and j.guidance == 2.0 and keep(j)]]
+    def drawn_by(mode: str, keep) -> list[int]:
+        return [j.job for j in jobs if j.split == "heldout" and j.mode == mode and j.guidance == 2.0 and keep(j)]
 
-    one_each = lambda j: j.sample == 0  # noqa: E731
-    assert len(features("stack", one_each)) == 20
-    assert m["fd_clip"] == pytest.approx(scipy_frechet(data["heldout"].clip, features("stack", one_each)), rel=1e-4)
-    assert m["fd_clip_text_emb"] == pytest.approx(scipy_frechet(data["heldout"].clip, features("text_emb", one_each)), rel=1e-4)
-    headline = features("stack", lambda j: j.prompt < 3)
-    assert m["guidance_2/fd_clip"] == pytest.approx(scipy_frechet(data["heldout"].clip, headline), rel=1e-4)
-    assert m["clip_score"] == pytest.approx(metrics.mean_cosine(headline, data["heldout"].text_emb[[0, 0, 1, 1, 2, 2]]))
-    assert m["frechet_prompts"] == 20
-    assert "frechet_prompts" not in evaluate.split_metrics(cfg, data["validation"], jobs, drawn, None, False, 64)
+    real = data["heldout"].clip
+    one_each, headline = drawn_by("stack", lambda j: j.sample == 0), drawn_by("stack", lambda j: j.prompt < 3)
+    assert len(one_each) == 20 and m["headline_prompts"] == 20
+    assert m["fd_clip"] == pytest.approx(scipy_frechet(real, drawn["clip"][one_each]), rel=1e-4)
+    zt = drawn_by("text_emb", lambda j: j.sample == 0)
+    assert m["fd_clip_text_emb"] == pytest.approx(scipy_frechet(real, drawn["clip"][zt]), rel=1e-4)
+    assert m["clip_score"] == pytest.approx(metrics.mean_cosine(drawn["clip"][one_each], data["heldout"].text_emb[:20]))
+    assert m["prior_cos_image"] == pytest.approx(metrics.mean_cosine(drawn["z_hat"][one_each], data["heldout"].image_emb[:20]))
+    assert m["guidance_2/fd_clip"] == pytest.approx(scipy_frechet(real, drawn["clip"][headline]), rel=1e-4)
+    assert m["diversity"] == m["guidance_2/diversity"] == pytest.approx(
+        metrics.diversity(drawn["clip"][headline], np.array([0, 0, 1, 1, 2, 2])))
+    assert "headline_prompts" not in evaluate.split_metrics(cfg, data["validation"], jobs, drawn, None, False, 64)
 
 
 def test_diversity_and_clip_score():
@@ -348,7 +351,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage, monk
         monkeypatch.setattr(UnCLIP, name, spy)
     bars = ["heldout/one_object_colour_acc_real >= 0.9", "heldout/fd_clip_real_halves < heldout/fd_clip", "heldout/nothing > 0"]
     values, run_id = run_evaluate(stack_storage, bars=bars, manipulation_images=4, variation_images=6, variation_guidance=3.0,
-                                  frechet_prompts=6)
+                                  headline_prompts=6)
     assert guidance == {"invert": {2.0}, "variations": {3.0}}
     out = stack_storage / "evaluate"
     saved = json.loads((out / "metrics.json").read_text())
@@ -357,8 +360,8 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage, monk
     expected += ["images", "generate_s", "aesthetic_probe_r2"]
     assert not [k for k in expected if k not in saved], sorted(saved)
     assert any(k.startswith("heldout/two_object_acc") for k in saved) or saved["heldout/two_object_prompts"] == 0
-    # heldout: 2 guidance scales + z_t; validation: 1; and one image of 2 more captions for the stack and z_t's fd
-    assert saved["images"] == 4 * 2 * 3 + 4 * 2 + 2 * 2 and saved["heldout/frechet_prompts"] == 6
+    # heldout: 2 guidance scales + z_t; validation: 1; one image of 2 more captions for the stack and z_t at 2
+    assert saved["images"] == 4 * 2 * 3 + 4 * 2 + 2 * 2 and saved["heldout/headline_prompts"] == 6
     assert saved["heldout/variation_sources"] == 6  # one variation of each of 6 one-object sources, not of the 4 inverted
     assert saved["heldout/variation_consistency"] * 6 == pytest.approx(round(saved["heldout/variation_consistency"] * 6))
     assert values["heldout/fd_clip"] == saved["heldout/fd_clip"]
