@@ -674,7 +674,7 @@ def write_grids(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: di
 
     by_prompt: dict[int, dict[str, list]] = {}
     for j in jobs:
-        if j.split != data.name or j.prompt >= cfg.num_prompts:  # not the 5.1 pair's one-image captions
+        if j.split != data.name or j.prompt >= cfg.num_prompts:  # not the headline_prompts beyond them
             continue
         if j.mode == "stack" and j.guidance == cfg.decoder_guidance:
             by_prompt.setdefault(j.prompt, {"stack": [], "text_emb": []})["stack"].append(drawn["image"][j.job])
@@ -806,7 +806,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         f"z_t-decoded baseline on {cfg.splits[0]}; output {size} px, scored at {score_size} px.",
         *([f"The headline metrics and the z_t baseline on {cfg.splits[0]}: one image for each of "
            f"{int(metrics[f'{cfg.splits[0]}/headline_prompts'])} captions (the paper's protocol); diversity and the "
-           "guidance sweep on the images above."] if cfg.headline_prompts else []),
+           f"guidance sweep on {cfg.num_prompts} captions x {cfg.samples_per_prompt} samples."] if cfg.headline_prompts else []),
         *([f"Sections 3-4 (variations, interpolation, text diff, PCA probe) on {cfg.splits[0]} images: decoder guidance "
            f"{cfg.decoder_guidance:g}, inversion included"
            + ("." if cfg.variation_guidance is None else f"; the eta = 1 variations decoded at {cfg.variation_guidance:g}.")]

@@ -380,6 +380,7 @@ def test_evaluate_writes_every_metric_grids_plots_and_report(stack_storage, monk
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 7 and "heldout/fd_clip" in html and "src=\"http" not in html
     assert "Quality bars" in html and "FAIL" in html and "heldout/nothing" in html
+    assert "on heldout: one image for each of 6 captions" in html and "guidance sweep on 4 captions x 2 samples." in html
     assert ("Sections 3-4 (variations, interpolation, text diff, PCA probe) on heldout images: decoder guidance 2, "
             "inversion included; the eta = 1 variations decoded at 3.") in html
     client = mlflow.MlflowClient(f"sqlite:///{stack_storage}/mlflow.db")
