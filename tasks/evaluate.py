@@ -540,11 +540,11 @@ def make_jobs(cfg: EvaluateConfig, data: dict[str, SplitData], seed: int) -> lis
     headline_prompts. Ordered so that a batch holds one (mode, guidance) as far as possible."""
     plan: list[tuple[str, str, float, int]] = []
     for i, split in enumerate(cfg.splits):
-        paired = max(cfg.num_prompts, cfg.headline_prompts or 0) if i == 0 else cfg.num_prompts
-        plan += [(split, "stack", g, paired if g == cfg.decoder_guidance else cfg.num_prompts)
+        headline = max(cfg.num_prompts, cfg.headline_prompts or 0) if i == 0 else cfg.num_prompts
+        plan += [(split, "stack", g, headline if g == cfg.decoder_guidance else cfg.num_prompts)
                  for g in (cfg.guidance_sweep() if i == 0 else [cfg.decoder_guidance])]
         if i == 0:
-            plan.append((split, "text_emb", cfg.decoder_guidance, paired))
+            plan.append((split, "text_emb", cfg.decoder_guidance, headline))
     jobs = []
     for split, mode, guidance, prompts in plan:
         for p in range(min(prompts, len(data[split].keys))):
@@ -614,11 +614,11 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
 
     one_each = cfg.headline_prompts if first else None
     main, m = image_set("stack", cfg.decoder_guidance)
-    headline = dict(m)  # the guidance sweep's entry at decoder_guidance
+    sweep_entry = dict(m)  # the guidance sweep's at decoder_guidance, on num_prompts x samples_per_prompt
     if one_each is not None:
         main, m = image_set("stack", cfg.decoder_guidance, one_each)
-        if "diversity" in headline:  # takes several samples of a caption
-            m["diversity"] = headline["diversity"]
+        if "diversity" in sweep_entry:  # takes several samples of a caption
+            m["diversity"] = sweep_entry["diversity"]
         m["headline_prompts"] = float(len(main))
     half = len(data.clip) // 2
     m["fd_clip_real_halves"] = frechet_distance(data.clip[:half], data.clip[half:])
@@ -655,7 +655,7 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         m.update({f"{k}_text_emb": v for k, v in zero_shot.items()
                   if k in ("fd_clip", "fid", "clip_score") or k.endswith("_acc")})
         for g in cfg.guidance_sweep():  # every scale on the same num_prompts x samples_per_prompt images
-            swept = headline if g == cfg.decoder_guidance else image_set("stack", g)[1]
+            swept = sweep_entry if g == cfg.decoder_guidance else image_set("stack", g)[1]
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()
                       if k in ("fd_clip", "fid", "clip_score", "diversity", "precision", "recall", "aesthetic")
                       or k.startswith("one_object_")})
@@ -674,7 +674,7 @@ def write_grids(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: di
 
     by_prompt: dict[int, dict[str, list]] = {}
     for j in jobs:
-        if j.split != data.name or j.prompt >= cfg.num_prompts:  # not the headline_prompts beyond them
+        if j.split != data.name or j.prompt >= cfg.num_prompts:  # those beyond: headline_prompts' one image each
             continue
         if j.mode == "stack" and j.guidance == cfg.decoder_guidance:
             by_prompt.setdefault(j.prompt, {"stack": [], "text_emb": []})["stack"].append(drawn["image"][j.job])
