@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import tempfile
 from collections import Counter
@@ -112,28 +113,29 @@ def download(cfg: IngestConfig, url_list: str, input_format: str, additional_col
     import img2dataset  # imports ray and wandb: seconds, so only when the stage runs
 
     redo = forget_partial_shards(out_dir, cfg.shard_size)
-    img2dataset.download(
-        url_list=url_list,
-        input_format=input_format,
-        url_col=cfg.url_col,
-        caption_col=cfg.caption_col,
-        save_additional_columns=additional_columns or None,
-        output_folder=str(out_dir),
-        output_format="webdataset",
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        number_sample_per_shard=cfg.shard_size,
-        processes_count=cfg.processes,
-        thread_count=cfg.threads,
-        timeout=cfg.timeout_s,
-        retries=cfg.retries,
-        min_image_size=cfg.min_image_size,
-        max_image_area=cfg.max_image_area,
-        disallowed_header_directives=cfg.disallowed_header_directives,
-        distributor=choose_distributor(cfg.distributor),
-        incremental_mode="incremental",
-        enable_wandb=False,
-    )
+    with temporary_tmpdir():
+        img2dataset.download(
+            url_list=url_list,
+            input_format=input_format,
+            url_col=cfg.url_col,
+            caption_col=cfg.caption_col,
+            save_additional_columns=additional_columns or None,
+            output_folder=str(out_dir),
+            output_format="webdataset",
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            number_sample_per_shard=cfg.shard_size,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            timeout=cfg.timeout_s,
+            retries=cfg.retries,
+            min_image_size=cfg.min_image_size,
+            max_image_area=cfg.max_image_area,
+            disallowed_header_directives=cfg.disallowed_header_directives,
+            distributor=choose_distributor(cfg.distributor),
+            incremental_mode="incremental",
+            enable_wandb=False,
+        )
     counts = summarise(out_dir)
     expected_shards = math.ceil(_count_rows(url_list, input_format) / cfg.shard_size)
     if counts["shards"] != expected_shards:
@@ -150,6 +152,23 @@ def download(cfg: IngestConfig, url_list: str, input_format: str, additional_col
             f"(reasons: {reasons}). Check the URL list ({url_list}) or raise ingest.max_failure_rate."
         )
     return counts
+
+
+@contextlib.contextmanager
+def temporary_tmpdir():
+    """img2dataset's spawned processes import wandb, which makes two temporary directories in each
+    at import and never removes them (the pool kills its processes): TMPDIR points them at one
+    directory of this call's, removed afterwards."""
+    previous = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="unclip-ingest-") as scratch:
+        os.environ["TMPDIR"] = scratch
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
 
 
 def choose_distributor(setting: str) -> str:

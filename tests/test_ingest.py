@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +76,18 @@ def bad_web_ingest(tmp_path_factory):
         )
         out = tmp / "out"
         out.mkdir()
-        counts = run(cfg, StageContext("ingest", tmp, out))
-    return counts, out, good, bad
+        tmpdir = tmp / "tmpdir"  # the process's temporary directory, for its spawned processes too
+        tmpdir.mkdir()
+        import img2dataset  # noqa: F401  (this process's own import-time directories live until it exits)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TMPDIR", str(tmpdir))
+            patch.setattr(tempfile, "tempdir", str(tmpdir))
+            counts = run(cfg, StageContext("ingest", tmp, out))
+    return counts, out, good, bad, sorted(p.name for p in tmpdir.iterdir())
 
 
 def test_every_good_pair_arrives_with_its_pixels(bad_web_ingest):
-    counts, out, good, bad = bad_web_ingest
+    counts, out, good, bad, _ = bad_web_ingest
     samples = _read_shards(out)
     by_ref = {s["json"]["ref"]: s for s in samples.values()}
     assert sorted(by_ref) == sorted(f"g{i}" for i in range(len(good)))  # no bad pair slipped in
@@ -92,7 +99,7 @@ def test_every_good_pair_arrives_with_its_pixels(bad_web_ingest):
 
 
 def test_every_bad_url_is_counted_under_its_reason(bad_web_ingest):
-    counts, out, good, bad = bad_web_ingest
+    counts, out, good, bad, _ = bad_web_ingest
     expected: dict[str, int] = {}
     for reason, _ in bad.values():
         expected[reason] = expected.get(reason, 0) + 1
@@ -101,6 +108,11 @@ def test_every_bad_url_is_counted_under_its_reason(bad_web_ingest):
     assert counts["shards"] == 4
     assert {k[len("failed_"):]: v for k, v in counts.items() if k.startswith("failed_") and k not in ("failed_to_download", "failed_to_resize")} == expected
     assert counts["failed_to_download"] + counts["failed_to_resize"] == len(bad)
+
+
+def test_ingest_leaves_nothing_in_the_temporary_directory(bad_web_ingest):
+    *_, leftovers = bad_web_ingest
+    assert leftovers == []  # img2dataset's processes import wandb, which makes directories there
 
 
 def test_failure_rate_above_the_limit_fails_with_a_clear_message(tmp_path):
