@@ -35,6 +35,7 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -175,6 +176,9 @@ def resolve_clip_spec(cfg: EmbedConfig, out_dir: Path, storage: Path, seed: int)
         spec["random_init_seed"] = seed
     if spec["pretrained"] is not None and Path(spec["pretrained"]).is_file():
         spec["weights_sha256"] = _sha256(Path(spec["pretrained"]))
+        if Path(spec["pretrained"]).resolve().is_relative_to(storage.resolve()):
+            # weights of this run's (train_clip's): found from here too after the storage moves
+            spec["pretrained_relative"] = os.path.relpath(Path(spec["pretrained"]).resolve(), clip_dir.resolve())
     return spec
 
 
@@ -206,7 +210,7 @@ def check_inputs(cfg: EmbedConfig, storage: Path) -> list[str]:
 
 
 def clip_fingerprint(spec: dict[str, Any], cfg: EmbedConfig) -> str:
-    keyed = {k: v for k, v in spec.items() if k not in ("pretrained", "random_init_seed")}
+    keyed = {k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_relative", "random_init_seed")}
     keyed["pretrained"] = spec["pretrained"] if "weights_sha256" not in spec else None  # content, not path
     keyed.update(emb_dtype=cfg.emb_dtype, min_similarity=cfg.min_similarity)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]

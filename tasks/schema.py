@@ -183,13 +183,24 @@ def load_clip_dir(clip_dir: str | os.PathLike, device: str = "cpu"):
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} is missing: {clip_dir} is not a CLIP directory (an embed stage's `clip/`)")
     spec = json.loads(spec_path.read_text())
-    pretrained = spec.get("pretrained")
-    # The directory's own weights file, wherever it moved: random-init weights the embed stage
-    # created, or weights bundled by export_clip_dir.
-    if (clip_dir / CLIP_WEIGHTS_NAME).is_file() and (spec.get("random_init_seed") is not None or spec.get("bundled")):
-        pretrained = str(clip_dir / CLIP_WEIGHTS_NAME)
+    weights = _weights_file(clip_dir, spec)
+    pretrained = str(weights) if weights else spec.get("pretrained")  # a named tag, or a missing file load_clip names
     return load_clip(spec.get("model"), pretrained, arch=spec.get("arch"), device=device,
                      precision=spec.get("precision", "fp32"), context_length=spec.get("context_length"))
+
+
+def _weights_file(clip_dir: Path, spec: dict) -> Path | None:
+    """The weights file of a CLIP directory, wherever the directory (or the run's storage) moved:
+    its own (random-init weights the embed stage created, or bundled by export_clip_dir), one
+    elsewhere in the run's storage (train_clip's), or the recorded path; None for a named tag."""
+    own = clip_dir / CLIP_WEIGHTS_NAME
+    if own.is_file() and (spec.get("random_init_seed") is not None or spec.get("bundled")):
+        return own
+    relative = spec.get("pretrained_relative")
+    if relative and (clip_dir / relative).is_file():
+        return (clip_dir / relative).resolve()
+    pretrained = spec.get("pretrained")
+    return Path(pretrained) if pretrained and Path(pretrained).is_file() else None
 
 
 def export_clip_dir(clip_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
@@ -200,12 +211,9 @@ def export_clip_dir(clip_dir: str | os.PathLike, dest: str | os.PathLike) -> Pat
     spec = json.loads((clip_dir / CLIP_SPEC_NAME).read_text())
     dest.mkdir(parents=True, exist_ok=True)
     weights = dest / CLIP_WEIGHTS_NAME
-    own = clip_dir / CLIP_WEIGHTS_NAME
-    pretrained = spec.get("pretrained")
-    if own.is_file() and (spec.get("random_init_seed") is not None or spec.get("bundled")):
-        link_or_copy(own, weights)
-    elif pretrained and Path(pretrained).is_file():
-        link_or_copy(Path(pretrained), weights)
+    source = _weights_file(clip_dir, spec)
+    if source:
+        link_or_copy(source, weights)
     elif str(spec.get("model") or "").startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"{clip_dir}: CLIP {spec['model']!r} cannot be bundled into a model (its config lives "
                          "outside open_clip); embed with a built-in open_clip name or a custom arch")
@@ -213,7 +221,8 @@ def export_clip_dir(clip_dir: str | os.PathLike, dest: str | os.PathLike) -> Pat
         from models.clip import save_clip_weights
 
         save_clip_weights(load_clip_dir(clip_dir), weights)
-    spec = {**spec, "bundled": True, "pretrained_source": pretrained, "pretrained": None}
+    spec = {**spec, "bundled": True, "pretrained_source": spec.get("pretrained"), "pretrained": None}
+    spec.pop("pretrained_relative", None)
     atomic_write(dest / CLIP_SPEC_NAME, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
     return dest
 

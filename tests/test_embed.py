@@ -262,3 +262,33 @@ def test_part_writer_groups_by_shard_and_merge_writes_one_sorted_file(tmp_path):
     assert merge_shard_parts(parts, schema, str(target), str(tmp_path / ".parts" / "00000")) == 3
     assert pq.read_table(target)["key"].to_pylist() == ["a0", "a1", "b3"]
     assert not (tmp_path / ".parts" / "00000").exists() and list_embedding_files(tmp_path) == [target]
+
+
+def test_a_moved_storage_loads_the_clip_trained_in_it(tmp_path):
+    """With clip_from: train_clip the embed stage's CLIP is train_clip's weights file: a storage
+    copied or renamed as a whole (off a cluster, say) still loads it, and bundles it into a model."""
+    from models.clip import load_clip, save_clip_weights
+    from tasks.embed import resolve_clip_spec
+    from tasks.schema import CLIP_DIR, CLIP_SPEC_NAME, CLIP_WEIGHTS_NAME, export_clip_dir, load_clip_dir
+
+    storage = tmp_path / "run"
+    trained = storage / "train_clip" / "clip"  # what tasks.train_clip exports
+    trained.mkdir(parents=True)
+    torch.manual_seed(1)
+    save_clip_weights(load_clip(None, None, arch=TINY_CLIP_ARCH), trained / "clip.safetensors")
+    (trained / "arch.json").write_text(json.dumps(TINY_CLIP_ARCH))
+    cfg = EmbedConfig(clip_model=None, clip_arch=str(trained / "arch.json"), clip_pretrained=str(trained / "clip.safetensors"))
+    spec = resolve_clip_spec(cfg, storage / "embed", storage, seed=0)  # as tasks.embed.run with clip_from: train_clip
+    (storage / "embed" / CLIP_DIR).mkdir(parents=True)
+    (storage / "embed" / CLIP_DIR / CLIP_SPEC_NAME).write_text(json.dumps(spec))
+    clip = load_clip_dir(storage / "embed" / CLIP_DIR)
+    tokens = clip.tokenize(["a small red circle", "a large blue star"])
+    with torch.no_grad():
+        expected = clip.encode_text(tokens)
+
+    storage.rename(tmp_path / "moved")
+    moved = tmp_path / "moved" / "embed" / CLIP_DIR
+    with torch.no_grad():
+        torch.testing.assert_close(load_clip_dir(moved).encode_text(tokens), expected)
+    bundle = export_clip_dir(moved, tmp_path / "bundle")
+    assert (bundle / CLIP_WEIGHTS_NAME).read_bytes() == (tmp_path / "moved" / "train_clip" / "clip" / "clip.safetensors").read_bytes()
