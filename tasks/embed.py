@@ -175,10 +175,11 @@ def resolve_clip_spec(cfg: EmbedConfig, out_dir: Path, storage: Path, seed: int)
         spec["pretrained"] = str(weights)
         spec["random_init_seed"] = seed
     if spec["pretrained"] is not None and Path(spec["pretrained"]).is_file():
-        spec["weights_sha256"] = _sha256(Path(spec["pretrained"]))
-        if Path(spec["pretrained"]).resolve().is_relative_to(storage.resolve()):
+        weights = Path(spec["pretrained"]).resolve()
+        spec["weights_sha256"] = _sha256(weights)
+        if weights.is_relative_to(storage.resolve()):
             # weights of this run's (train_clip's): found from here too after the storage moves
-            spec["pretrained_relative"] = os.path.relpath(Path(spec["pretrained"]).resolve(), clip_dir.resolve())
+            spec["pretrained_relative"] = os.path.relpath(weights, clip_dir.resolve())
     return spec
 
 
