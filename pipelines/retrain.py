@@ -16,6 +16,9 @@ inbox that a scheduled retrain re-reads: the lists already in the run are not ne
    `unclip.step.<part>` tag) for its configured `steps`, on old + new data.
 3. Then the pipeline runs as usual: pca, the training stages, evaluate and register rerun because
    their inputs changed, and register moves `champion` only by its metric rule.
+The warm start is recorded with the retrain, and every later `unclip run` on this storage starts the
+training stages where the latest retrain did: the retrained models are that run's, up to date, not
+trained again from the config's own start.
 
 The CLIP stays the one this run embedded with (train_clip does not run): the new rows must be
 embedded in the space of the old ones, which is also the space the champion's prior and decoder
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, PipelineConfig
-from tasks.context import one_line
+from tasks.context import MANIFEST, one_line
 
 STATE = "retrain.json"  # under <storage>/_pipeline/
 URLS_DIR = "urls"
@@ -66,13 +69,28 @@ def write_state(storage: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def with_added_url_lists(cfg: PipelineConfig) -> PipelineConfig:
-    """cfg whose ingest input also has the URL lists added to this storage by `unclip retrain`."""
-    added = [entry["file"] for entry in read_state(Path(cfg.storage))["url_lists"]]
+def with_retrain_state(cfg: PipelineConfig) -> PipelineConfig:
+    """cfg as `unclip retrain` left this storage: its ingest input also has the URL lists retrains
+    added, and its training stages start from the latest retrain's warm start (`init_from`, `start_step`)."""
+    state = read_state(Path(cfg.storage))
+    added = [entry["file"] for entry in state["url_lists"]]
     extra = cfg.ingest.extra_url_lists + [f for f in added if f not in cfg.ingest.extra_url_lists]
-    if extra == cfg.ingest.extra_url_lists:
-        return cfg
-    return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"extra_url_lists": extra})})
+    updates = {}
+    if extra != cfg.ingest.extra_url_lists:
+        updates["ingest"] = cfg.ingest.model_copy(update={"extra_url_lists": extra})
+    latest = state["retrains"][-1] if state["retrains"] else {}
+    for stage, start in latest.get("warm_start", {}).items():
+        updates[stage] = getattr(cfg, stage).model_copy(update=start)
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def kept_by_retrain(cfg: PipelineConfig) -> list[str]:
+    """The FROZEN_STAGES a retrain of this storage kept: finished, and not to run again on the grown data
+    (the embedding space stays the one the retrained models learnt)."""
+    storage = Path(cfg.storage).absolute()
+    if not read_state(storage)["retrains"]:
+        return []
+    return [s for s in FROZEN_STAGES if s in cfg.stages and (storage / s / MANIFEST).is_file()]
 
 
 def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
@@ -155,12 +173,12 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
         retraining = {"url_lists": sorted(new), "sources": list(new.values()), "started_at": now,
                       "champion": champion_version(cfg, storage)}
         state["retrains"].append(retraining)
-        write_state(storage, state)
 
-    cfg = warm_started(with_added_url_lists(cfg), storage, retraining["champion"], console)
+    retraining["warm_start"] = warm_start(cfg, storage, retraining["champion"], console)
+    write_state(storage, state)  # before the stages: from here on every run of this storage starts from it
     from pipelines.runner import run_pipeline
 
-    run_pipeline(cfg, only=[s for s in cfg.stages if s not in FROZEN_STAGES])
+    run_pipeline(cfg)  # which keeps the FROZEN_STAGES (kept_by_retrain)
     registered = json.loads((storage / "register" / "registered.json").read_text()) if "register" in cfg.stages else None
     retraining.update(finished_at=datetime.now(timezone.utc).isoformat(), registered=registered)
     write_state(storage, state)
@@ -181,8 +199,8 @@ def champion_version(cfg: PipelineConfig, storage: Path) -> str:
     return str(champion.version)
 
 
-def warm_started(cfg: PipelineConfig, storage: Path, version: str, console) -> PipelineConfig:
-    """cfg whose training stages start from champion `version`'s parts, counting on from their steps."""
+def warm_start(cfg: PipelineConfig, storage: Path, version: str, console) -> dict[str, dict[str, Any]]:
+    """{training stage: its init_from and start_step}: champion `version`'s part, counting on from its steps."""
     import mlflow
 
     from pipelines.runner import start_tracking
@@ -201,10 +219,10 @@ def warm_started(cfg: PipelineConfig, storage: Path, version: str, console) -> P
             console.print(f"[yellow]note[/]: champion v{version} has no {part}; {stage} starts from its config")
             continue
         start_step = int(tags.get(STEP_TAG + part, 0))
-        updates[stage] = getattr(cfg, stage).model_copy(update={"init_from": str(parts[part]), "start_step": start_step})
+        updates[stage] = {"init_from": str(parts[part]), "start_step": start_step}
         started.append(f"{stage} from step {start_step}")
     console.print(f"[bold]retrain[/] from champion {name} v{version}: {', '.join(started)}")
-    return cfg.model_copy(update=updates)
+    return updates
 
 
 def download_champion(model_uri: str, target: Path, tracking_uri: str) -> dict[str, Path | None]:

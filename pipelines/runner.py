@@ -51,13 +51,17 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
-    from pipelines.retrain import with_added_url_lists
+    from pipelines.retrain import kept_by_retrain, with_retrain_state
 
     started = time.time()  # a stage's finish_by_minute counts from here
 
     remote = is_remote(cfg.storage)
     if not remote:  # `unclip retrain` refuses object-store storage, so there is nothing it added
-        cfg = with_added_url_lists(cfg)  # the run's data includes what `unclip retrain` added
+        cfg = with_retrain_state(cfg)  # the run's data and warm starts include what `unclip retrain` added
+        if only is None and (kept := kept_by_retrain(cfg)):
+            console.print(f"[dim]⏭  {', '.join(kept)}: kept (this storage was retrained: new data is embedded with "
+                          f"the CLIP the models learnt from; --only {kept[0]} trains it again)[/]")
+            only = [s for s in cfg.stages if s not in kept]
     check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
     storage = local_storage(cfg.storage)  # with an object store: the local mirror the stages run in

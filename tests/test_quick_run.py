@@ -145,6 +145,13 @@ def test_retrain_adds_only_new_shards_continues_from_the_champion_and_promotes_b
         assert "nothing new" in again.stderr and "train_prior" not in again.stderr
         assert len(client.search_model_versions("name='unclip'")) == 2
 
+    # a plain run with the same settings: the retrained models are up to date, not trained again from scratch
+    rerun = unclip("run", QUICK, "--storage", storage, *retrain[4:], cwd=tmp_path)
+    assert "train_clip: kept" in rerun.stderr  # not trained again on the grown data: embed would follow
+    for stage in STAGES:
+        assert f"{stage}: up to date" in rerun.stderr or stage == "train_clip", rerun.stderr[-3000:]
+    assert len(client.search_model_versions("name='unclip'")) == 2
+
     state = json.loads((storage / "_pipeline" / "retrain.json").read_text())
     assert [r["registered"]["version"] for r in state["retrains"]] == ["2"]
     config = yaml.safe_load((storage / "_pipeline" / "config.yaml").read_text())
