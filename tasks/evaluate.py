@@ -18,6 +18,8 @@ Metric names (each under `<split>/`, e.g. `heldout/fd_clip`):
   fd_clip, fd_clip_text_emb, fd_clip_real_halves     Fréchet distance on CLIP image features: full stack,
                                                      z_t decoded directly, and two halves of the real
                                                      images (the floor for this many images)
+  fd_clip_below_text_emb_share                       the share of paired bootstrap resamples of the captions in which
+                                                     fd_clip < fd_clip_text_emb: near 0.5 that ordering is noise
   fid, fid_text_emb                                  the same with the FID Inception (only with inception_weights)
   clip_score, clip_score_text_emb, clip_score_real   mean cos(CLIP image embedding, caption z_t)
   diversity                                          mean pairwise CLIP distance (1 - cos) among one prompt's samples
@@ -602,7 +604,7 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
     """The headline metrics (full stack at decoder_guidance), the prior's, the real images'
     references and, on the first split, the z_t baseline (suffix _text_emb) and the sweep; the
     first split's headline and z_t on one image per caption when headline_prompts is set."""
-    from tasks.metrics import frechet_distance, mean_cosine, scene_accuracy
+    from tasks.metrics import fd_order_share, frechet_distance, mean_cosine, scene_accuracy
 
     def image_set(mode: str, guidance: float, one_per_caption: int | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """num_prompts x samples_per_prompt images, or sample 0 of the first one_per_caption captions"""
@@ -651,9 +653,11 @@ def split_metrics(cfg: EvaluateConfig, data: SplitData, jobs: list[Job], drawn: 
         m["hf_gap_bicubic"] = abs(float(np.log(max(m["hf_share_bicubic"], 1e-12) / max(m["hf_share_real"], 1e-12))))
 
     if first:
-        _, zero_shot = image_set("text_emb", cfg.decoder_guidance, one_each)
+        text_idx, zero_shot = image_set("text_emb", cfg.decoder_guidance, one_each)
         m.update({f"{k}_text_emb": v for k, v in zero_shot.items()
                   if k in ("fd_clip", "fid", "clip_score") or k.endswith("_acc")})
+        # how sure the 5.1 ordering is: the two sets' images were drawn for the same captions, in the same order
+        m["fd_clip_below_text_emb_share"] = fd_order_share(data.clip, drawn["clip"][main], drawn["clip"][text_idx])
         for g in cfg.guidance_sweep():  # every scale on the same num_prompts x samples_per_prompt images
             swept = sweep_entry if g == cfg.decoder_guidance else image_set("stack", g)[1]
             m.update({f"guidance_{g:g}/{k}": v for k, v in swept.items()

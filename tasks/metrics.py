@@ -90,6 +90,21 @@ def frechet_distance(real: FeatureStats | np.ndarray, fake: np.ndarray | torch.T
     return float(metric.compute())
 
 
+def fd_order_share(real: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 200, seed: int = 0) -> float:
+    """The share of paired bootstrap resamples in which `a` is closer to `real` than `b` by Fréchet
+    distance. Rows of a and b pair up (images drawn for the same captions) and are resampled
+    together: near 1 or 0 the ordering would hold on other captions of the kind, near 0.5 it is noise."""
+    if len(a) != len(b):
+        raise ValueError(f"paired feature sets differ in length: {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    stats = FeatureStats.of(real)
+    wins = 0
+    for _ in range(resamples):
+        rows = rng.integers(0, len(a), len(a))
+        wins += frechet_distance(stats, a[rows]) < frechet_distance(stats, b[rows])
+    return wins / resamples
+
+
 def inception_network(weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """torchmetrics' FID Inception-v3 (torch-fidelity's port of the TF FID graph): uint8 images
     (B, 3, H, W) -> (B, 2048) pool features, with weights from a local safetensors file.

@@ -50,6 +50,19 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert metrics.frechet_distance(a[:200], a[200:]) < 0.1 * expected
 
 
+def test_fd_order_share_is_sure_of_a_clear_gap_only_on_enough_captions():
+    rng = np.random.default_rng(2)
+    real, a = rng.normal(size=(1000, 8)), rng.normal(size=(400, 8))
+    assert metrics.fd_order_share(real, a, a + 0.5) == 1.0  # a shifted copy is farther in every resample
+    assert metrics.fd_order_share(real, a + 0.5, a) == 0.0
+    assert metrics.fd_order_share(real, a, a) == 0.0  # a tie is not closer
+    worse = a + np.random.default_rng(12).normal(size=a.shape) * 0.5 + 0.05  # the same captions, drawn a little worse
+    few, many = (metrics.fd_order_share(real, a[:n], worse[:n], resamples=100) for n in (20, 400))
+    assert 0.05 < few < 0.95 and many == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.fd_order_share(real, a, a[:10])
+
+
 def test_aesthetic_probe_recovers_a_planted_linear_rating():
     rng = np.random.default_rng(1)
     features = rng.normal(size=(600, 32))
@@ -122,6 +135,7 @@ def test_headline_prompts_measure_the_stack_and_z_t_on_one_image_per_caption():
     drawn = {"clip": rng.normal(size=(len(jobs), d)), "image": np.zeros((len(jobs), 8, 8, 3), np.uint8),
              "z_hat": rng.normal(size=(len(jobs), d))}
     drawn["base"] = drawn["image"]
+    drawn["clip"][[j.job for j in jobs if j.mode == "text_emb"]] += 3.0  # z_t decoded: far from the real images
     m = evaluate.split_metrics(cfg, data["heldout"], jobs, drawn, None, True, 64)
 
     def drawn_by(mode: str, keep) -> list[int]:
@@ -133,6 +147,7 @@ def test_headline_prompts_measure_the_stack_and_z_t_on_one_image_per_caption():
     assert m["fd_clip"] == pytest.approx(scipy_frechet(real, drawn["clip"][one_each]), rel=1e-4)
     zt = drawn_by("text_emb", lambda j: j.sample == 0)
     assert m["fd_clip_text_emb"] == pytest.approx(scipy_frechet(real, drawn["clip"][zt]), rel=1e-4)
+    assert m["fd_clip_below_text_emb_share"] == 1.0  # the stack is closer in every resample
     assert m["clip_score"] == pytest.approx(metrics.mean_cosine(drawn["clip"][one_each], data["heldout"].text_emb[:20]))
     assert m["prior_cos_image"] == pytest.approx(metrics.mean_cosine(drawn["z_hat"][one_each], data["heldout"].image_emb[:20]))
     assert m["guidance_2/fd_clip"] == pytest.approx(scipy_frechet(real, drawn["clip"][headline]), rel=1e-4)
@@ -334,7 +349,7 @@ PER_SPLIT = ["fd_clip", "fd_clip_real_halves", "clip_score", "clip_score_real", 
              "prior_cos_image", "prior_cos_text", "text_cos_image", "prior_cos_unrelated",
              "one_object_colour_acc", "one_object_shape_acc", "one_object_acc", "one_object_colour_acc_base",
              "one_object_colour_acc_real", "one_object_prompts", "two_object_prompts"]
-FIRST_SPLIT = ["fd_clip_text_emb", "clip_score_text_emb", "one_object_colour_acc_text_emb",
+FIRST_SPLIT = ["fd_clip_text_emb", "fd_clip_below_text_emb_share", "clip_score_text_emb", "one_object_colour_acc_text_emb",
                "guidance_1/fd_clip", "guidance_2/fd_clip", "guidance_1/aesthetic", "guidance_2/diversity", "guidance_2/recall"]
 
 
