@@ -72,15 +72,16 @@ def write_state(storage: Path, state: dict[str, Any]) -> None:
 def with_retrain_state(cfg: PipelineConfig) -> PipelineConfig:
     """cfg as `unclip retrain` left this storage: its ingest input also has the URL lists retrains
     added, and its training stages start from the latest retrain's warm start (`init_from`, `start_step`)."""
-    state = read_state(Path(cfg.storage))
-    added = [entry["file"] for entry in state["url_lists"]]
+    storage = Path(cfg.storage).absolute()
+    state = read_state(storage)
+    added = [str(storage / entry["file"]) for entry in state["url_lists"]]
     extra = cfg.ingest.extra_url_lists + [f for f in added if f not in cfg.ingest.extra_url_lists]
     updates = {}
     if extra != cfg.ingest.extra_url_lists:
         updates["ingest"] = cfg.ingest.model_copy(update={"extra_url_lists": extra})
     latest = state["retrains"][-1] if state["retrains"] else {}
     for stage, start in latest.get("warm_start", {}).items():
-        updates[stage] = getattr(cfg, stage).model_copy(update=start)
+        updates[stage] = getattr(cfg, stage).model_copy(update={**start, "init_from": str(storage / start["init_from"])})
     return cfg.model_copy(update=updates) if updates else cfg
 
 
@@ -169,7 +170,7 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
         now = datetime.now(timezone.utc).isoformat()
         for digest, url_list in new.items():
             file = copy_into_run(url_list, digest, storage, cfg.ingest.input_format)
-            state["url_lists"].append({"file": str(file), "source": url_list, "digest": digest, "added_at": now})
+            state["url_lists"].append({"file": str(file.relative_to(storage)), "source": url_list, "digest": digest, "added_at": now})
         retraining = {"url_lists": sorted(new), "sources": list(new.values()), "started_at": now,
                       "champion": champion_version(cfg, storage)}
         state["retrains"].append(retraining)
@@ -219,7 +220,7 @@ def warm_start(cfg: PipelineConfig, storage: Path, version: str, console) -> dic
             console.print(f"[yellow]note[/]: champion v{version} has no {part}; {stage} starts from its config")
             continue
         start_step = int(tags.get(STEP_TAG + part, 0))
-        updates[stage] = {"init_from": str(parts[part]), "start_step": start_step}
+        updates[stage] = {"init_from": str(parts[part].relative_to(storage)), "start_step": start_step}
         started.append(f"{stage} from step {start_step}")
     console.print(f"[bold]retrain[/] from champion {name} v{version}: {', '.join(started)}")
     return updates

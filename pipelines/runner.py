@@ -201,7 +201,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         if manifest is None:
             raise input_missing(stage.name, name, store.uri if store else storage)
     stage_cfg = cfg.stage_config(stage.name)
-    config_hash = _digest(output_settings(stage_cfg))
+    config_hash = _digest(relocatable(output_settings(stage_cfg), storage))
     input_digests = {name: _manifest_digest(m) for name, m in sorted(input_manifests.items())}
     fingerprint = _digest(
         {
@@ -209,7 +209,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
             "config": config_hash,
             "seed": cfg.seed,
             "inputs": input_digests,
-            "external": {uri: _checksum(uri) for uri in stage.external_inputs(cfg)},
+            "external": {relocatable(uri, storage): _checksum(uri, storage) for uri in stage.external_inputs(cfg)},
         }
     )
     previous = finished_manifest(stage.name, storage, store)
@@ -359,9 +359,29 @@ def _manifest_digest(manifest: dict[str, Any] | None) -> str:
     return _digest({"fingerprint": manifest.get("fingerprint"), "counts": manifest.get("counts")})
 
 
-def _checksum(uri: str) -> str:
+def relocatable(value: Any, storage: Path) -> Any:
+    """`value` with the storage folder's own path written as $STORAGE (in strings, lists, dicts): what a
+    run's files are called in its fingerprints, so a storage moved or copied as a whole (or an object
+    store's mirror elsewhere) is up to date where it was."""
+    root = str(storage)
+    if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
+        return "$STORAGE" + value[len(root):]
+    if isinstance(value, list):
+        return [relocatable(v, storage) for v in value]
+    if isinstance(value, dict):
+        return {k: relocatable(v, storage) for k, v in value.items()}
+    return value
+
+
+def _checksum(uri: str, storage: Path) -> str:
+    """An external input's version: a file of the run's own (a URL list `unclip retrain` copied in) by its
+    bytes, as a moved copy has other metadata; anything else by its file system's checksum."""
     import fsspec
 
+    if relocatable(uri, storage) != uri and os.path.isfile(uri):
+        from pipelines.retrain import file_digest
+
+        return file_digest(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     return _digest([(f, fs.checksum(f)) for f in files])

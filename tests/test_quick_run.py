@@ -145,15 +145,18 @@ def test_retrain_adds_only_new_shards_continues_from_the_champion_and_promotes_b
         assert "nothing new" in again.stderr and "train_prior" not in again.stderr
         assert len(client.search_model_versions("name='unclip'")) == 2
 
-    # a plain run with the same settings: the retrained models are up to date, not trained again from scratch
-    rerun = unclip("run", QUICK, "--storage", storage, *retrain[4:], cwd=tmp_path)
+    # a plain run with the same settings, on the storage moved as a whole: the retrained models are up
+    # to date, not trained again from scratch (the retrain's added lists and warm start moved with it)
+    moved = storage.rename(tmp_path / "moved")
+    rerun = unclip("run", QUICK, "--storage", moved, *retrain[4:], cwd=tmp_path)
     assert "train_clip: kept" in rerun.stderr  # not trained again on the grown data: embed would follow
     for stage in STAGES:
         assert f"{stage}: up to date" in rerun.stderr or stage == "train_clip", rerun.stderr[-3000:]
-    assert len(client.search_model_versions("name='unclip'")) == 2
+    moved_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved}/mlflow.db")
+    assert len(moved_client.search_model_versions("name='unclip'")) == 2
 
-    state = json.loads((storage / "_pipeline" / "retrain.json").read_text())
+    state = json.loads((moved / "_pipeline" / "retrain.json").read_text())
     assert [r["registered"]["version"] for r in state["retrains"]] == ["2"]
-    config = yaml.safe_load((storage / "_pipeline" / "config.yaml").read_text())
-    assert len(config["ingest"]["extra_url_lists"]) == 1
-    assert "/_pipeline/champion/v1/" in config["train_decoder"]["init_from"]
+    config = yaml.safe_load((moved / "_pipeline" / "config.yaml").read_text())
+    assert [Path(f).parent for f in config["ingest"]["extra_url_lists"]] == [moved / "_pipeline" / "urls"]
+    assert config["train_decoder"]["init_from"].startswith(f"{moved}/_pipeline/champion/v1/")

@@ -60,6 +60,23 @@ def mlflow_runs(db: Path) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=["unclip"])
 
 
+def test_fingerprints_name_the_runs_own_files_relative_to_its_storage(tmp_path):
+    from pipelines.runner import _checksum, relocatable
+
+    storage = tmp_path / "run"
+    settings = {"init_from": f"{storage}/_pipeline/champion/v1/prior", "lists": [str(storage), f"{storage}2/urls.csv"], "steps": 4}
+    assert relocatable(settings, storage) == {"init_from": "$STORAGE/_pipeline/champion/v1/prior",
+                                              "lists": ["$STORAGE", f"{storage}2/urls.csv"], "steps": 4}
+    (storage / "urls").mkdir(parents=True)
+    (storage / "urls" / "a.csv").write_text("url,caption\n")
+    before = _checksum(f"{storage}/urls/a.csv", storage)
+    moved = storage.rename(tmp_path / "moved")
+    os.utime(moved / "urls" / "a.csv", (0, 0))  # a copy's metadata differs; its bytes are the same list
+    assert _checksum(f"{moved}/urls/a.csv", moved) == before
+    (moved / "urls" / "a.csv").write_text("url,caption\nhttp://127.0.0.1/x.png,x\n")
+    assert _checksum(f"{moved}/urls/a.csv", moved) != before
+
+
 def test_a_changed_setting_reruns_its_stage_and_an_execution_only_one_does_not(tmp_path):
     until_ingest = ("run", QUICK, "--storage", tmp_path / "store", "--set", "synth.n=30", "--until", "ingest")
     first = unclip(*until_ingest, cwd=tmp_path)
