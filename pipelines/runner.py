@@ -301,7 +301,10 @@ def start_tracking(cfg: PipelineConfig, storage: Path) -> str:
                 raise
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     if not explicit and not experiment.artifact_location.startswith((storage / "mlruns").as_uri()):
-        console.print(f"[yellow]note[/]: experiment {cfg.mlflow.experiment!r} was created before artifacts were kept in storage; they stay in {experiment.artifact_location}")
+        # MLflow records absolute artifact paths: a storage moved or copied here keeps writing where it was made
+        console.print(f"[yellow]note[/]: experiment {cfg.mlflow.experiment!r} of {tracking_uri} keeps its artifacts in "
+                      f"{experiment.artifact_location}, outside this storage (it was made there and then moved or copied "
+                      "here, or made by an older version); new runs' artifacts go there too")
     return tracking_uri
 
 

@@ -152,6 +152,7 @@ def test_retrain_adds_only_new_shards_continues_from_the_champion_and_promotes_b
     assert "train_clip: kept" in rerun.stderr  # not trained again on the grown data: embed would follow
     for stage in STAGES:
         assert f"{stage}: up to date" in rerun.stderr or stage == "train_clip", rerun.stderr[-3000:]
+    assert f"keeps its artifacts in {(storage / 'mlruns').as_uri()}, outside this storage" in rerun.stderr
     moved_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved}/mlflow.db")
     assert len(moved_client.search_model_versions("name='unclip'")) == 2
 
