@@ -173,6 +173,35 @@ class ObjectStore:
             raise ObjectStoreError(f"storage {self.uri}: uploading {stage}/ failed ({one_line(e)}); it has no "
                                    f"{MANIFEST} there, so the next run redoes it") from None
 
+    def read_text(self, relpath: str) -> str | None:
+        """One object's text (e.g. `_pipeline/retrain.json`), or None when the store has no such object."""
+        try:
+            with self.fs.open_input_stream(self.path(relpath)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ObjectStoreError(f"storage {self.uri}: cannot read {relpath} ({one_line(e)})") from None
+
+    def upload(self, local: Path, relpath: str) -> None:
+        """Copy a local file or folder to `relpath` in the store."""
+        try:
+            pafs.copy_files(str(local), self.path(relpath), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        except OSError as e:
+            raise ObjectStoreError(f"storage {self.uri}: uploading {relpath} failed ({one_line(e)})") from None
+
+    def download(self, relpath: str, local: Path) -> None:
+        """Copy `relpath` (a file or a folder) from the store to `local`, through a temporary name
+        so an interrupted download is never taken for the whole."""
+        tmp = local.with_name(f".{local.name}.pull")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            pafs.copy_files(self.path(relpath), str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        except OSError as e:
+            raise ObjectStoreError(f"storage {self.uri}: downloading {relpath} failed ({one_line(e)})") from None
+        os.replace(tmp, local)
+
     def write_text(self, relpath: str, text: str) -> None:
         """Write one object (e.g. `_pipeline/config.yaml`) and read it back."""
         try:

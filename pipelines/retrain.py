@@ -3,6 +3,9 @@
     unclip retrain pipelines/configs/demo.yaml --storage /tmp/u1 --new-urls more.parquet
     unclip retrain pipelines/configs/laion.yaml --new-urls s3://bucket/incoming/   # a schedule's inbox
 
+With storage on an object store the state below lives in the store (the local mirror gets a copy:
+`open_storage`), so any machine that runs the storage applies it.
+
 `--new-urls` names URL list files, or folders whose every *.<ingest.input_format> file is a list (an
 inbox that a scheduled retrain re-reads: the lists already in the run are not new).
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.object_store import ObjectStore, is_remote, local_storage
 from tasks.context import MANIFEST, one_line
 
 STATE = "retrain.json"  # under <storage>/_pipeline/
@@ -62,17 +66,51 @@ def read_state(storage: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore it, or remove it to forget the added URL lists") from None
 
 
-def write_state(storage: Path, state: dict[str, Any]) -> None:
+def write_state(storage: Path, state: dict[str, Any], store: ObjectStore | None = None) -> None:
     path = state_file(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, path)
+    if store:
+        store.write_text(f"_pipeline/{STATE}", path.read_text())
 
 
-def with_retrain_state(cfg: PipelineConfig) -> PipelineConfig:
-    """cfg as `unclip retrain` left this storage: its ingest input also has the URL lists retrains
+def open_storage(cfg: PipelineConfig) -> tuple[Path, ObjectStore | None]:
+    """The directory the stages of `cfg` run in, and its object store if it is on one. The store's
+    retrain state is the truth: it is copied into the local mirror with the files it names (the
+    added URL lists, the latest retrain's champion), as a fresh mirror has none of them."""
+    from pipelines.checks import preflight
+
+    storage = local_storage(cfg.storage)
+    if not is_remote(cfg.storage):
+        return storage, None
+    preflight(cfg, [])  # the store is reachable and writable (a clear error otherwise) before it is read
+    store = ObjectStore.connect(cfg.storage)
+    text = store.read_text(f"_pipeline/{STATE}")
+    if text is not None:
+        try:
+            state = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{store.uri}/_pipeline/{STATE} is not valid JSON ({e}); restore it, or remove it to "
+                              "forget the added URL lists") from None
+        needed = [entry["file"] for entry in state["url_lists"]]
+        if state["retrains"]:
+            needed.append(champion_dir(state["retrains"][-1]["champion"]))
+        for relpath in needed:
+            if not (storage / relpath).exists():
+                store.download(relpath, storage / relpath)
+        write_state(storage, state)
+    return storage, store
+
+
+def champion_dir(version: str) -> str:
+    return f"_pipeline/{CHAMPION_DIR}/v{version}"
+
+
+def with_retrain_state(cfg: PipelineConfig, storage: Path) -> PipelineConfig:
+    """cfg as `unclip retrain` left its `storage` directory: its ingest input also has the URL lists retrains
     added, and its training stages start from the latest retrain's warm start (`init_from`, `start_step`)."""
-    storage = Path(cfg.storage).absolute()
     state = read_state(storage)
     added = [str(storage / entry["file"]) for entry in state["url_lists"]]
     extra = cfg.ingest.extra_url_lists + [f for f in added if f not in cfg.ingest.extra_url_lists]
@@ -85,13 +123,13 @@ def with_retrain_state(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update=updates) if updates else cfg
 
 
-def kept_by_retrain(cfg: PipelineConfig) -> list[str]:
+def kept_by_retrain(cfg: PipelineConfig, storage: Path, store: ObjectStore | None) -> list[str]:
     """The FROZEN_STAGES a retrain of this storage kept: finished, and not to run again on the grown data
     (the embedding space stays the one the retrained models learnt)."""
-    storage = Path(cfg.storage).absolute()
     if not read_state(storage)["retrains"]:
         return []
-    return [s for s in FROZEN_STAGES if s in cfg.stages and (storage / s / MANIFEST).is_file()]
+    finished = (lambda s: store.read_manifest(s) is not None) if store else (lambda s: (storage / s / MANIFEST).is_file())
+    return [s for s in FROZEN_STAGES if s in cfg.stages and finished(s)]
 
 
 def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
@@ -137,16 +175,13 @@ def copy_into_run(url_list: str, digest: str, storage: Path, input_format: str) 
 
 def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any] | None:
     """Add `new_urls` to the run's data and retrain from the champion; None when nothing is new."""
-    from pipelines.object_store import is_remote
     from tasks.ingest import check_url_list
 
-    if is_remote(cfg.storage):
-        raise ConfigError(f"storage {cfg.storage}: `unclip retrain` needs a file-system storage directory (object stores "
-                          "are supported by `unclip run` only, so far); retrain a run stored on a local or shared path")
-    storage = Path(cfg.storage).absolute()
-    if not (storage / "_pipeline" / "config.yaml").is_file():
-        raise ConfigError(f"{storage} holds no pipeline run (no _pipeline/config.yaml); run it first: "
-                          f"unclip run <config> --storage {storage}")
+    storage, store = open_storage(cfg)
+    where = store.uri if store else storage
+    if not (store.read_text("_pipeline/config.yaml") is not None if store else (storage / "_pipeline" / "config.yaml").is_file()):
+        raise ConfigError(f"{where} holds no pipeline run (no _pipeline/config.yaml); run it first: "
+                          f"unclip run <config> --storage {where}")
     state = read_state(storage)
     digests = {}
     for url_list in url_list_files(new_urls, cfg.ingest.input_format):
@@ -165,7 +200,7 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
     else:
         new = {d: u for d, u in digests.items() if d not in known}
         if not new:
-            console.print(f"nothing new: every URL list in {', '.join(new_urls)} is already in the data of {storage}; not retraining")
+            console.print(f"nothing new: every URL list in {', '.join(new_urls)} is already in the data of {where}; not retraining")
             return None
         now = datetime.now(timezone.utc).isoformat()
         for digest, url_list in new.items():
@@ -176,13 +211,21 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
         state["retrains"].append(retraining)
 
     retraining["warm_start"] = warm_start(cfg, storage, retraining["champion"], console)
-    write_state(storage, state)  # before the stages: from here on every run of this storage starts from it
+    if store:  # the files the state names first: the store's state never names a missing one
+        lists = {entry["digest"]: entry["file"] for entry in state["url_lists"]}
+        for relpath in [lists[d] for d in retraining["url_lists"]] + [champion_dir(retraining["champion"])]:
+            store.upload(storage / relpath, relpath)
+    write_state(storage, state, store)  # before the stages: from here on every run of this storage starts from it
     from pipelines.runner import run_pipeline
 
     run_pipeline(cfg)  # which keeps the FROZEN_STAGES (kept_by_retrain)
-    registered = json.loads((storage / "register" / "registered.json").read_text()) if "register" in cfg.stages else None
+    registered = None
+    if "register" in cfg.stages:
+        if store:  # skipped as up to date, register's output may be in the store only
+            store.pull("register", storage / "register")
+        registered = json.loads((storage / "register" / "registered.json").read_text())
     retraining.update(finished_at=datetime.now(timezone.utc).isoformat(), registered=registered)
-    write_state(storage, state)
+    write_state(storage, state, store)
     return retraining
 
 
@@ -211,7 +254,7 @@ def warm_start(cfg: PipelineConfig, storage: Path, version: str, console) -> dic
     tracking_uri = start_tracking(cfg, storage)
     name = cfg.register.model_name
     tags = mlflow.MlflowClient().get_model_version(name, version).tags
-    parts = download_champion(f"models:/{name}/{version}", storage / "_pipeline" / CHAMPION_DIR / f"v{version}", tracking_uri)
+    parts = download_champion(f"models:/{name}/{version}", storage / champion_dir(version), tracking_uri)
     updates, started = {}, []
     for part, stage in STAGE_OF.items():
         if stage not in cfg.stages:

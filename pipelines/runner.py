@@ -35,7 +35,7 @@ from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
 from pipelines.nodes import check_storage_on_every_node
-from pipelines.object_store import ObjectStore, is_remote, local_storage
+from pipelines.object_store import ObjectStore
 from tasks.context import MANIFEST, StageContext
 
 MLFLOW_RUN_ID = ".mlflow_run_id"
@@ -51,25 +51,22 @@ class StageInputMissing(RuntimeError):
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
     """Run the pipeline; returns {stage: {"status": "ran"|"skipped", "counts": {...}}}."""
-    from pipelines.retrain import kept_by_retrain, with_retrain_state
+    from pipelines.retrain import kept_by_retrain, open_storage, with_retrain_state
 
     started = time.time()  # a stage's finish_by_minute counts from here
 
-    remote = is_remote(cfg.storage)
-    if not remote:  # `unclip retrain` refuses object-store storage, so there is nothing it added
-        cfg = with_retrain_state(cfg)  # the run's data and warm starts include what `unclip retrain` added
-        if only is None and (kept := kept_by_retrain(cfg)):
-            console.print(f"[dim]⏭  {', '.join(kept)}: kept (this storage was retrained: new data is embedded with "
-                          f"the CLIP the models learnt from; --only {kept[0]} trains it again)[/]")
-            only = [s for s in cfg.stages if s not in kept]
+    storage, store = open_storage(cfg)  # with an object store: the local mirror the stages run in
+    cfg = with_retrain_state(cfg, storage)  # the run's data and warm starts include what `unclip retrain` added
+    if only is None and (kept := kept_by_retrain(cfg, storage, store)):
+        console.print(f"[dim]⏭  {', '.join(kept)}: kept (this storage was retrained: new data is embedded with "
+                      f"the CLIP the models learnt from; --only {kept[0]} trains it again)[/]")
+        only = [s for s in cfg.stages if s not in kept]
     check_stage_names(cfg, only, until)
     stages = plan(cfg, only, until)
-    storage = local_storage(cfg.storage)  # with an object store: the local mirror the stages run in
     planned = {s.name for s in stages}
-    if not remote:
+    if not store:
         check_finished_inputs(stages, cfg, storage, planned)
     preflight(cfg, [s.name for s in stages])  # bad paths and URIs fail here, before anything is written
-    store = ObjectStore.connect(cfg.storage) if remote else None
     if store:
         check_finished_inputs(stages, cfg, storage, planned, store)
     on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))

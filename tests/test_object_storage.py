@@ -220,11 +220,52 @@ def test_unreachable_endpoint_is_a_clear_error(bucket, tmp_path, monkeypatch):
     assert len(message.strip().splitlines()) == 1
 
 
-def test_retrain_refuses_an_object_store(bucket, tmp_path, monkeypatch):
-    urls = tmp_path / "urls.parquet"
-    urls.write_text("x")
-    message = fails_before_anything_runs(tmp_path, monkeypatch, "retrain", QUICK, "--storage", f"s3://{bucket}/run", "--new-urls", urls)
-    assert "`unclip retrain` needs a file-system storage directory" in message
+def test_retrain_keeps_its_state_in_the_store_and_a_fresh_mirror_applies_it(bucket, tmp_path, monkeypatch):
+    """`unclip retrain --storage s3://...` needs a run in the store, then goes on to the champion, and
+    puts nothing in the store before it has one. The state a retrain leaves in the store (retrain.json,
+    the added list, the champion's parts) is applied on a machine with an empty mirror: the list and
+    the warm start at that mirror's paths, and train_clip, finished in the store, kept."""
+    import pandas as pd
+
+    from pipelines.config import load_config
+    from pipelines.retrain import kept_by_retrain, open_storage, with_retrain_state, write_state
+
+    uri = f"s3://{bucket}/run"
+    new = tmp_path / "more.parquet"
+    pd.DataFrame({"url": ["http://127.0.0.1:9/a.png"], "caption": ["a red circle"]}).to_parquet(new)
+    retrain = ["retrain", str(QUICK), "--storage", uri, "--new-urls", str(new)]
+    monkeypatch.chdir(tmp_path)
+    no_run = CliRunner().invoke(app, retrain)
+    assert no_run.exit_code == 2 and f"{uri} holds no pipeline run" in no_run.stderr
+    store = ObjectStore.connect(uri)
+    store.write_text("_pipeline/config.yaml", "name: x\n")
+    no_champion = CliRunner().invoke(app, retrain)
+    mlflow.set_tracking_uri(None)
+    assert no_champion.exit_code == 2 and "no registered model 'unclip'" in no_champion.stderr, no_champion.output
+    assert store_files(uri) == {"_pipeline/config.yaml"}
+
+    # what a retrain from champion v3 leaves in the store: the list and the part, then the state naming them
+    prior = "_pipeline/champion/v3/artifacts/prior"
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / "config.json").write_text("{}")
+    store.upload(new, "_pipeline/urls/abc.parquet")
+    store.upload(tmp_path / "prior", prior)
+    state = {"url_lists": [{"file": "_pipeline/urls/abc.parquet", "source": str(new), "digest": "abc"}],
+             "retrains": [{"url_lists": ["abc"], "champion": "3", "warm_start": {"train_prior": {"init_from": prior, "start_step": 300}}}]}
+    write_state(tmp_path / "mirror", state, store)
+    store.write_text("train_clip/_manifest.json", "{}")
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv(object_store.MIRROR_ENV, str(fresh))
+    cfg = load_config(QUICK, [f"storage={uri}"])
+    storage, store = open_storage(cfg)
+    assert storage == fresh and json.loads((fresh / "_pipeline" / "retrain.json").read_text()) == state
+    cfg = with_retrain_state(cfg, storage)
+    assert cfg.ingest.extra_url_lists == [str(fresh / "_pipeline" / "urls" / "abc.parquet")]
+    assert (fresh / "_pipeline" / "urls" / "abc.parquet").read_bytes() == new.read_bytes()
+    assert (cfg.train_prior.init_from, cfg.train_prior.start_step) == (str(fresh / prior), 300)
+    assert (fresh / prior / "config.json").is_file()
+    assert kept_by_retrain(cfg, storage, store) == ["train_clip"]
 
 
 def test_mirror_location(monkeypatch):
