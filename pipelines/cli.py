@@ -45,12 +45,14 @@ def run(
 def retrain(
     config: Annotated[Path, typer.Argument(help="the run's pipeline YAML, e.g. pipelines/configs/demo.yaml")],
     new_urls: Annotated[list[str], typer.Option(help="a URL list to add to the run's data (repeatable; in ingest.input_format)")],
-    storage: Annotated[Optional[str], typer.Option(help="the run's output root; overrides the config's storage")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="the run's output root, a directory or an object-store URI; "
+                                                     "overrides the config's storage")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE")] = None,
 ) -> None:
     """Add new URL lists to a run's data and retrain every model from the registered champion's
     weights (only new shards are downloaded and embedded); register, promote by the metric rule.
     The same lists twice: nothing new, nothing runs."""
+    from pipelines.object_store import ObjectStoreError
     from pipelines.retrain import retrain as run_retrain
     from pipelines.runner import StageInputMissing, console
 
@@ -59,6 +61,8 @@ def retrain(
         done = run_retrain(cfg, new_urls, console)
     except (ConfigError, StageInputMissing) as e:
         _fail(str(e), 2)
+    except ObjectStoreError as e:  # the store failed mid-retrain: its state names no missing file; run it again
+        _fail(str(e), 1)
     if done and done.get("registered"):
         registered = done["registered"]
         typer.echo(f"registered {registered['name']} v{registered['version']} ({registered['decision']}): {registered['reason']}")
