@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ class TrainClipConfig(training.TrainConfig):
     batch_size: int = 256
 
 
-def pair_rows(batch: dict[str, Any], image_size: int, context_length: int, split: str, val_fraction: float) -> dict:
+def pair_rows(batch: dict[str, Any], image_size: int, context_length: int, split: str, val_fraction: float) -> Iterator[dict]:
     """Ray Data UDF: webdataset rows → {"image": uint8 (B, S, S, 3), "text_tokens": int64 (B, L)}.
     Undecodable samples and held-out pairs are dropped (embed counts the former)."""
     from models.clip_preprocess import import_open_clip
@@ -47,11 +48,10 @@ def pair_rows(batch: dict[str, Any], image_size: int, context_length: int, split
         except UnicodeDecodeError:
             continue
         images.append(image)
-    if not images:
-        return {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
-                "text_tokens": np.zeros((0, context_length), np.int64)}
+    if not images:  # nothing (a generator): Ray Data would store a zero-row tensor batch pickled, with a warning
+        return
     tokens = SimpleTokenizer(context_length=context_length)(captions).numpy()
-    return {"image": np.stack(images), "text_tokens": tokens.astype(np.int64)}
+    yield {"image": np.stack(images), "text_tokens": tokens.astype(np.int64)}
 
 
 class ClipBatches:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,7 +44,7 @@ class TrainUpsampler2Config(TrainUpsamplerConfig):
     model_defaults: ClassVar[dict[str, Any]] = {"schedule": "linear", "degradation": "bsr"}
 
 
-def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fraction: float, seed: int) -> dict:
+def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fraction: float, seed: int) -> Iterator[dict]:
     """Ray Data UDF: webdataset rows → {"image": uint8 (B, S, S, 3) at image_size, "low": float
     (B, 3, s, s) degraded low-res conditioning in [-1, 1], "crop": int64 (B, 2) crop corners}.
     Held-out pairs and undecodable images are dropped (embed counts the latter)."""
@@ -60,9 +61,8 @@ def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fr
     for _, key, image in decoded_pairs(batch, split, val_fraction, size):
         images.append(image)
         kept.append(key)
-    if not images:
-        return {"image": np.zeros((0, size, size, 3), np.uint8), "low": np.zeros((0, 3, low_size, low_size), np.float32),
-                "crop": np.zeros((0, 2), np.int64)}
+    if not images:  # nothing (a generator): Ray Data would store a zero-row tensor batch pickled, with a warning
+        return
     # Validation rows get the same corruption every time (comparable losses); training rows get
     # fresh corruptions and crops on every epoch's read.
     entropy = "".join(kept) + str(seed) if split == "validation" else os.urandom(16).hex()
@@ -72,7 +72,7 @@ def upsampler_rows(batch: dict[str, Any], model_config: dict, split: str, val_fr
     low = degradations.degrade(degradations.downsample_to(hi, low_size), model_config["degradation"], generator,
                                blur_kernel=model_config["blur_kernel"], blur_sigma=model_config["blur_sigma"])
     corners = torch.randint(0, size - crop + 1, (len(images), 2), generator=generator)
-    return {"image": np.stack(images), "low": low.clamp(-1, 1).numpy().astype(np.float32), "crop": corners.numpy()}
+    yield {"image": np.stack(images), "low": low.clamp(-1, 1).numpy().astype(np.float32), "crop": corners.numpy()}
 
 
 class UpsamplerBatches:
