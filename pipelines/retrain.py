@@ -10,9 +10,9 @@ With storage on an object store the state below lives in the store (the local mi
 inbox that a scheduled retrain re-reads: the lists already in the run are not new).
 
 1. Each new URL list is copied into the run (`<storage>/_pipeline/urls/<digest>.<format>`) and
-   recorded in `<storage>/_pipeline/retrain.json`. Every later `unclip run` or `retrain` on this
-   storage appends the recorded lists to the config's input (`ingest.extra_url_lists`), so ingest
-   downloads, and embed encodes, only the new shards.
+   recorded in `<storage>/_pipeline/retrain.json` (relative to the storage, which may move). Every
+   later `unclip run` or `retrain` on this storage appends the recorded lists to the config's input
+   (`ingest.extra_url_lists`), so ingest downloads, and embed encodes, only the new shards.
 2. The registered champion (`models:/<register.model_name>@champion`) is downloaded to
    `<storage>/_pipeline/champion/v<N>/`. Each training stage starts from its part (`init_from`)
    and counts on from the step that part reached (`start_step`, from the version's

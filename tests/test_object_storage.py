@@ -240,7 +240,7 @@ def test_retrain_keeps_its_state_in_the_store_and_a_fresh_mirror_applies_it(buck
     store = ObjectStore.connect(uri)
     store.write_text("_pipeline/config.yaml", "name: x\n")
     no_champion = CliRunner().invoke(app, retrain)
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # the command ran in this process and pointed MLflow at its mirror's store
     assert no_champion.exit_code == 2 and "no registered model 'unclip'" in no_champion.stderr, no_champion.output
     assert store_files(uri) == {"_pipeline/config.yaml"}
 
