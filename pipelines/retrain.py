@@ -44,7 +44,7 @@ from typing import Any
 
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.object_store import ObjectStore, is_remote, local_storage
-from tasks.context import MANIFEST, one_line
+from tasks.context import one_line
 
 STATE = "retrain.json"  # under <storage>/_pipeline/
 URLS_DIR = "urls"
@@ -126,10 +126,11 @@ def with_retrain_state(cfg: PipelineConfig, storage: Path) -> PipelineConfig:
 def kept_by_retrain(cfg: PipelineConfig, storage: Path, store: ObjectStore | None) -> list[str]:
     """The FROZEN_STAGES a retrain of this storage kept: finished, and not to run again on the grown data
     (the embedding space stays the one the retrained models learnt)."""
+    from pipelines.runner import finished_manifest
+
     if not read_state(storage)["retrains"]:
         return []
-    finished = (lambda s: store.read_manifest(s) is not None) if store else (lambda s: (storage / s / MANIFEST).is_file())
-    return [s for s in FROZEN_STAGES if s in cfg.stages and finished(s)]
+    return [s for s in FROZEN_STAGES if s in cfg.stages and finished_manifest(s, storage, store) is not None]
 
 
 def url_list_files(new_urls: list[str], input_format: str) -> list[str]:
