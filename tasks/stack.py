@@ -191,9 +191,26 @@ def registry_source(model: str, tracking_uri: str | None = None) -> tuple[str, s
             version = client.get_model_version_by_alias(name, alias).version
         else:
             name, _, version = name.rpartition("/")
-        return client.get_model_version_download_uri(name, version), uri
+        return moved_with_the_store(client.get_model_version_download_uri(name, version), uri), uri
     except MlflowException as e:
         raise _registry_error(e, uri) from None
+
+
+def moved_with_the_store(source: str, tracking_uri: str) -> str:
+    """`source`, a model's artifact URI, at the same place below the sqlite store's folder when the
+    recorded path is gone: MLflow records absolute artifact paths, so in a storage moved or copied
+    as a whole (its mlflow.db beside mlruns/) the registry still names the old place."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(source)
+    if not tracking_uri.startswith("sqlite:///") or parsed.scheme not in ("", "file"):
+        return source
+    recorded = Path(unquote(parsed.path))
+    if recorded.exists() or "mlruns" not in recorded.parts:
+        return source
+    below = recorded.parts[len(recorded.parts) - recorded.parts[::-1].index("mlruns") - 1:]  # from the last mlruns/
+    here = Path(tracking_uri[len("sqlite:///"):]).parent.joinpath(*below)
+    return here.absolute().as_uri() if here.exists() else source
 
 
 def _registry_error(error, uri: str) -> StackError:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tasks.stack import resolve_model
 from tests.bad_web import image_server
 from tests.test_runner import QUICK, mlflow_runs, unclip
 
@@ -155,6 +156,10 @@ def test_retrain_adds_only_new_shards_continues_from_the_champion_and_promotes_b
     assert f"keeps its artifacts in {(storage / 'mlruns').as_uri()}, outside this storage" in rerun.stderr
     moved_client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved}/mlflow.db")
     assert len(moved_client.search_model_versions("name='unclip'")) == 2
+    # the registry still names the old place; the champion is fetched from the moved one (`unclip sample`)
+    assert not Path(moved_client.get_model_version_download_uri("unclip", "2").removeprefix("file://")).exists()
+    parts = resolve_model("models:/unclip@champion", tmp_path / "download", f"sqlite:///{moved}/mlflow.db")
+    assert all(parts[part] is not None for part in ("clip", "prior", "decoder", "upsampler"))
 
     state = json.loads((moved / "_pipeline" / "retrain.json").read_text())
     assert [r["registered"]["version"] for r in state["retrains"]] == ["2"]

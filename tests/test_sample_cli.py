@@ -371,3 +371,21 @@ def test_find_parts_in_downloaded_layouts(storage, tmp_path):
     (tmp_path / "bare" / "decoder").mkdir(parents=True)
     with pytest.raises(StackError, match=r"holds no unCLIP stack.*missing clip, prior, decoder \(found: none\)"):
         find_parts(tmp_path / "bare")
+
+
+def test_a_registered_models_files_are_found_where_its_store_moved(tmp_path):
+    """MLflow records absolute artifact paths: in a storage moved as a whole, the registry names a
+    folder that is gone, and the same place below the moved store's mlruns/ is used instead."""
+    from tasks.stack import moved_with_the_store
+
+    moved = tmp_path / "moved"
+    (moved / "mlruns" / "1" / "models" / "m-1" / "artifacts").mkdir(parents=True)
+    store = f"sqlite:///{moved}/mlflow.db"
+    gone = "file:///old/place/mlruns/1/models/m-1/artifacts"
+    assert moved_with_the_store(gone, store) == (moved / "mlruns/1/models/m-1/artifacts").as_uri()
+    assert moved_with_the_store("/old/place/mlruns/1/models/m-1/artifacts", store).startswith(moved.as_uri())
+    here = (moved / "mlruns" / "1").as_uri()  # a copy: the recorded folder still exists
+    assert moved_with_the_store(here, f"sqlite:///{tmp_path}/elsewhere/mlflow.db") == here
+    for source, uri in ((gone, "http://127.0.0.1:5000"), ("s3://bucket/mlruns/1/models/m-1/artifacts", store),
+                        ("file:///old/place/mlruns/2/models/m-9/artifacts", store)):
+        assert moved_with_the_store(source, uri) == source  # a server, a remote store, nothing there

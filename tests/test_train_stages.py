@@ -107,8 +107,9 @@ def test_a_plan_that_ends_now_leaves_the_lr_at_the_cosine_end():
     assert end == 5 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
-# the deadline counts worker start-up: >36 s on a slow CI host, more beside another test (make test runs 2 at once)
-@pytest.mark.parametrize("limit", [{"max_minutes": 0.3}, {"finish_by_minute": 1.2}])
+# The deadline counts worker start-up (15-40 s here, more on a slow CI host): one that has passed by the
+# first plan (step log_every) ends training there, which the assertions below still hold for.
+@pytest.mark.parametrize("limit", [{"max_minutes": 0.2}, {"finish_by_minute": 0.75}])
 def test_a_time_budget_ends_training_where_it_runs_out_with_the_lr_cosine_finished(limit, train_inputs, tmp_path):
     cfg = train_clip.TrainClipConfig(steps=100_000, batch_size=16, lr=1e-3, checkpoint_every=10_000,
                                      **{**FAST, "warmup_steps": 1}, **limit)
