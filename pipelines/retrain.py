@@ -58,22 +58,25 @@ def state_file(storage: Path) -> Path:
 
 def read_state(storage: Path) -> dict[str, Any]:
     path = state_file(storage)
-    if not path.is_file():
-        return {"url_lists": [], "retrains": []}
+    return parse_state(path.read_text(), path) if path.is_file() else {"url_lists": [], "retrains": []}
+
+
+def parse_state(text: str, where: Path | str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it, or remove it to forget the added URL lists") from None
+        raise ConfigError(f"{where} is not valid JSON ({e}); restore it, or remove it to forget the added URL lists") from None
 
 
 def write_state(storage: Path, state: dict[str, Any], store: ObjectStore | None = None) -> None:
     path = state_file(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(state, indent=2)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
     if store:
-        store.write_text(f"_pipeline/{STATE}", path.read_text())
+        store.write_text(f"_pipeline/{STATE}", text)
 
 
 def open_storage(cfg: PipelineConfig) -> tuple[Path, ObjectStore | None]:
@@ -89,11 +92,7 @@ def open_storage(cfg: PipelineConfig) -> tuple[Path, ObjectStore | None]:
     store = ObjectStore.connect(cfg.storage)
     text = store.read_text(f"_pipeline/{STATE}")
     if text is not None:
-        try:
-            state = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{store.uri}/_pipeline/{STATE} is not valid JSON ({e}); restore it, or remove it to "
-                              "forget the added URL lists") from None
+        state = parse_state(text, f"{store.uri}/_pipeline/{STATE}")
         needed = [entry["file"] for entry in state["url_lists"]]
         if state["retrains"]:
             needed.append(champion_dir(state["retrains"][-1]["champion"]))
@@ -180,7 +179,8 @@ def retrain(cfg: PipelineConfig, new_urls: list[str], console) -> dict[str, Any]
 
     storage, store = open_storage(cfg)
     where = store.uri if store else storage
-    if not (store.read_text("_pipeline/config.yaml") is not None if store else (storage / "_pipeline" / "config.yaml").is_file()):
+    has_run = store.read_text("_pipeline/config.yaml") is not None if store else (storage / "_pipeline" / "config.yaml").is_file()
+    if not has_run:
         raise ConfigError(f"{where} holds no pipeline run (no _pipeline/config.yaml); run it first: "
                           f"unclip run <config> --storage {where}")
     state = read_state(storage)

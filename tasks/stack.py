@@ -208,8 +208,8 @@ def moved_with_the_store(source: str, tracking_uri: str) -> str:
     recorded = Path(unquote(parsed.path))
     if recorded.exists() or "mlruns" not in recorded.parts:
         return source
-    below = recorded.parts[len(recorded.parts) - recorded.parts[::-1].index("mlruns") - 1:]  # from the last mlruns/
-    here = Path(tracking_uri[len("sqlite:///"):]).parent.joinpath(*below)
+    last = max(i for i, part in enumerate(recorded.parts) if part == "mlruns")
+    here = Path(tracking_uri[len("sqlite:///"):]).parent.joinpath(*recorded.parts[last:])
     return here.absolute().as_uri() if here.exists() else source
 
 
