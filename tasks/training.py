@@ -19,6 +19,7 @@ continues the same MLflow run.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -388,6 +389,21 @@ class HeldShard:
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
 
+class ValidationBatches:
+    """The first `val_batches` batches of the validation shard, read once on first use: every
+    checkpoint's validation loss and sample grid then see the same rows (Ray Data need not keep
+    their order between reads), and none starts a Ray Data execution (seconds each on a small host)."""
+
+    def __init__(self, shard, cfg: TrainConfig):
+        self.shard, self.batch_size, self.count = shard, cfg.batch_size, cfg.val_batches
+        self.batches: list[dict[str, Any]] | None = None
+
+    def __iter__(self):
+        if self.batches is None:
+            self.batches = list(itertools.islice(self.shard.iter_torch_batches(batch_size=self.batch_size), self.count))
+        return iter(self.batches)
+
+
 def epoch_batches(shard, cfg: TrainConfig, seed: int, held: HeldShard | None):
     """One epoch of a worker's training batches (drop_last). Streamed: Ray Data reads the shard and
     shuffles `shuffle_buffer` rows at a time. Held (cache_data): the first epoch reads the shard into
@@ -486,7 +502,7 @@ def train_loop(config: dict[str, Any]) -> None:
     logger = _Logger(config, rank) if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    val_batches = ValidationBatches(ray.train.get_dataset_shard("validation"), cfg) if config["has_validation"] else None
     held = HeldShard() if cfg.cache_data else None
     checked, bad_in_a_row, last, epoch = False, 0, {}, 0
     # The logged loss is the mean over the window's good steps: a NaN batch is skipped and
@@ -564,8 +580,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 counters["train_s"] = budget.elapsed()
                 report = {**last, "step": step, "skipped_steps": counters["skipped_steps"],
                           "resumed_from_step": counters["resumed_from_step"]}
-                if val_shard is not None and rank == 0:  # rank 0's metrics score the checkpoint
-                    report["val_loss"] = validation_loss(ema.module, objective, make_batch, val_shard, cfg, config["seed"], device, autocast)
+                if val_batches is not None and rank == 0:  # rank 0's metrics score the checkpoint
+                    report["val_loss"] = validation_loss(ema.module, objective, make_batch, val_batches, config["seed"], device, autocast)
                 ckpt = None
                 tmp = None
                 with _full_weights(model, fsdp):  # FSDP: every rank takes part
@@ -588,8 +604,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
             draw_every = cfg.sample_every or cfg.checkpoint_every
-            if logger and config["samples"] and val_shard is not None and (step % draw_every == 0 or step == end):
-                logger.samples(config["samples"], ema.module, make_batch, val_shard, cfg, step)
+            if logger and config["samples"] and val_batches is not None and (step % draw_every == 0 or step == end):
+                logger.samples(config["samples"], ema.module, make_batch, val_batches, step)
             if step >= end:
                 break
         if batches_this_epoch == 0:
@@ -739,18 +755,16 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def validation_loss(network, objective, make_batch, val_shard, cfg: TrainConfig, seed: int, device, autocast) -> float:
-    """Mean objective of the (EMA) network over the first `val_batches` validation batches, with
-    fixed draws (same seed each time) so successive values are comparable."""
+def validation_loss(network, objective, make_batch, val_batches: ValidationBatches, seed: int, device, autocast) -> float:
+    """Mean objective of the (EMA) network over the validation batches, with fixed draws (same
+    seed each time) so successive values are comparable."""
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed + 12345)
     total, n = 0.0, 0
     network.eval()
     with torch.no_grad():
-        for i, raw in enumerate(val_shard.iter_torch_batches(batch_size=cfg.batch_size)):
-            if i >= cfg.val_batches:
-                break
+        for raw in val_batches:
             with autocast:
                 loss, _ = objective(network, make_batch(raw), generator)
             if torch.isfinite(loss):
@@ -805,8 +819,8 @@ class _Logger:
         if finite:
             self.client.log_batch(self.run_id, metrics=finite)
 
-    def samples(self, draw, network, make_batch, val_shard, cfg: TrainConfig, step: int) -> None:
-        raw = next(iter(val_shard.iter_torch_batches(batch_size=cfg.batch_size)), None)
+    def samples(self, draw, network, make_batch, val_batches: ValidationBatches, step: int) -> None:
+        raw = next(iter(val_batches), None)
         if raw is None or not self.client:
             return
         with tempfile.TemporaryDirectory() as d:

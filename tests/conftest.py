@@ -18,6 +18,8 @@ for key, value in {
     "WANDB_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # as the runner sets for its embedded cluster: no spot-node watcher actor per Ray Train fit
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }.items():
     os.environ.setdefault(key, value)
 

@@ -187,6 +187,22 @@ def test_rows_whose_image_is_missing_are_counted_and_skipped(train_inputs, tmp_p
     assert not dropped & {r["key"] for r in rows}
 
 
+def test_validation_batches_are_read_once_and_the_same_at_every_checkpoint(ray_local):
+    from tasks import training
+
+    reads = []
+
+    class CountedShard:  # a real dataset; counts the reads the training loop asks for
+        def iter_torch_batches(self, **kwargs):
+            reads.append(kwargs)
+            return ray_local.data.range(100).iter_torch_batches(**kwargs)
+
+    batches = training.ValidationBatches(CountedShard(), training.TrainConfig(batch_size=8, val_batches=3))
+    first, again = ([b["id"].tolist() for b in batches] for _ in range(2))
+    assert [len(b) for b in first] == [8, 8, 8] and again == first
+    assert reads == [{"batch_size": 8}]
+
+
 def test_workers_share_the_data_cpu_only_when_the_data_is_cached():
     from tasks import training
 
