@@ -246,7 +246,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         datasets=datasets,
         # every worker sees all of validation; one worker reads train whole (a split starts a
         # coordinator actor per stage: seconds of start-up for nothing to split)
-        dataset_config=DataConfig(datasets_to_split=["train"] if cfg.workers > 1 else []),
+        dataset_config=DataConfig(datasets_to_split=["train"] if cfg.workers > 1 else [],
+                                  execution_options=ingest_options()),
     )
     started = time.perf_counter()
     try:
@@ -268,6 +269,17 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         "resumed_from_step": float(metrics.get("resumed_from_step", 0)),
         "train_s": time.perf_counter() - started,
     }
+
+
+def ingest_options():
+    """Ray Train's default ingest options (those of the driver's DataContext) without
+    `exclude_resources`: Ray 2.60's default passes it (zero: the pipeline never sets it), and its deprecation
+    warning would take two lines of every training stage's log."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
 
 
 def export(result, out_dir: Path) -> None:

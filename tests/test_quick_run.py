@@ -51,6 +51,7 @@ def test_quick_preset_end_to_end_meets_its_bars(quick_run):
     assert f"quality bars: {len(bars)} of {len(bars)} met" in result.stderr
     # Ray Train's placement-group cleaner warns every second without a State API: not in the log
     assert "Failed to query Ray Train Controller" not in result.stdout + result.stderr
+    assert "exclude_resources` is deprecated" not in result.stdout + result.stderr  # Ray Train's default ingest options
     assert f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}/mlflow.db" in result.stderr
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")
     assert client.get_model_version_by_alias("unclip", "champion").version == 1
