@@ -14,6 +14,9 @@ from pipelines.config import ConfigError, load_config
 app = typer.Typer(help="Train unCLIP text-to-image models on your own image-caption data.", no_args_is_help=True, add_completion=False)
 
 
+RUN_AGAIN = "Finished stages are kept: after the fix, the same command goes on from there."
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -30,7 +33,7 @@ def run(
 ) -> None:
     """Run the workflow (stages whose manifest matches are skipped)."""
     from pipelines.object_store import ObjectStoreError
-    from pipelines.runner import StageInputMissing, run_pipeline
+    from pipelines.runner import StageFailed, StageInputMissing, run_pipeline
 
     try:
         cfg = load_config(config, _with_storage(set_, storage))
@@ -39,6 +42,8 @@ def run(
         _fail(str(e), 2)
     except ObjectStoreError as e:  # the store failed mid-run: what is published stays consistent; run again
         _fail(str(e), 1)
+    except StageFailed as e:
+        _fail(f"{e}\n{RUN_AGAIN}", 1)
 
 
 @app.command()
@@ -54,7 +59,7 @@ def retrain(
     The same lists twice: nothing new, nothing runs."""
     from pipelines.object_store import ObjectStoreError
     from pipelines.retrain import retrain as run_retrain
-    from pipelines.runner import StageInputMissing, console
+    from pipelines.runner import StageFailed, StageInputMissing, console
 
     try:
         cfg = load_config(config, _with_storage(set_, storage))
@@ -63,6 +68,8 @@ def retrain(
         _fail(str(e), 2)
     except ObjectStoreError as e:  # the store failed mid-retrain: its state names no missing file; run it again
         _fail(str(e), 1)
+    except StageFailed as e:
+        _fail(f"{e}\n{RUN_AGAIN}", 1)
     if done and done.get("registered"):
         registered = done["registered"]
         typer.echo(f"registered {registered['name']} v{registered['version']} ({registered['decision']}): {registered['reason']}")

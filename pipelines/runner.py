@@ -20,6 +20,7 @@ import queue
 import shutil
 import sys
 import threading
+import traceback
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -30,6 +31,7 @@ import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 from rich.console import Console
+from rich.markup import escape
 
 from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
@@ -45,8 +47,15 @@ console = Console(stderr=True)
 console.soft_wrap = not console.is_terminal  # in a log (`ray job logs`, CI) a message stays on one line
 
 
+FAILURE = "failure.txt"  # a failed stage's traceback, beside its partial output and in its MLflow run
+
+
 class StageInputMissing(RuntimeError):
     pass
+
+
+class StageFailed(RuntimeError):
+    """A stage raised: its error in one line; the traceback is in the stage's FAILURE file."""
 
 
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str | None = None) -> dict[str, dict[str, Any]]:
@@ -142,7 +151,7 @@ def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: O
         if error is not None:
             failure = failure or error
             if running:
-                console.print(f"[red]✗  {name} failed[/]; waiting for {', '.join(sorted(running))} to finish before stopping")
+                console.print(f"[red]{name} failed[/]: waiting for {', '.join(sorted(running))} to finish before stopping")
         else:
             results[name] = result
     if failure is not None:
@@ -233,6 +242,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         clear_stage_dir(out_dir, keep=stage.keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / FAILURE).unlink(missing_ok=True)  # a resumed stage's earlier failure
     (out_dir / STARTED).write_text(config_hash)
     console.print(f"[bold cyan]▶  {stage.name}[/]" + (" (resuming: keeping finished parts)" if resume and any(out_dir.iterdir()) else ""))
 
@@ -251,7 +261,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
         mlflow.set_tag("unclip.stage", stage.name)
         t0 = time.perf_counter()
-        counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
+        try:
+            counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
+        except Exception as e:
+            raise stage_failed(stage.name, e, out_dir) from e
         duration = time.perf_counter() - t0
         mlflow.log_metrics({**counts, "duration_s": duration})
     manifest = {
@@ -270,6 +283,23 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
+
+
+def stage_failed(name: str, error: Exception, out_dir: Path) -> StageFailed:
+    """The console gets the error in one line, as the stages word theirs (what failed and the fix);
+    the whole traceback goes beside the partial output and into the stage's MLflow run."""
+    trace = "".join(traceback.format_exception(error))
+    (out_dir / FAILURE).write_text(trace)
+    try:
+        mlflow.log_text(trace, FAILURE)
+    except Exception:  # the tracking store failing too must not hide the stage's error
+        pass
+    lines = str(error).strip().splitlines()
+    message = lines[0].removeprefix(f"{name}: ") if lines else ""
+    if type(error).__module__ == "builtins" or not message:  # ours name the problem; a KeyError needs its type
+        message = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    console.print(f"[red]✗  {name} failed[/]: {escape(message)}")
+    return StageFailed(f"{name} failed: {message} (traceback: {out_dir / FAILURE})")
 
 
 def clear_stage_dir(out_dir: Path, keep: tuple[str, ...] = ()) -> None:

@@ -377,7 +377,8 @@ def _root_cause(error: BaseException) -> str:
     lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
     for i in range(len(lines) - 1, -1, -1):
         if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Diverged)\b.*:", lines[i]):
-            return "\n".join(lines[i:i + 6])
+            # the loop's own TrainingFailed says what failed and the fix: its class name adds nothing
+            return "\n".join(lines[i:i + 6]).removeprefix(f"{__name__}.{TrainingFailed.__name__}: ")
     return lines[-1] if lines else type(error).__name__
 
 

@@ -259,7 +259,7 @@ def test_parallel_stages_run_side_by_side_as_nested_mlflow_runs(tmp_path, monkey
 def test_a_failed_parallel_stage_lets_the_running_one_finish_and_starts_nothing_new(tmp_path, monkeypatch):
     """train_upsampler fails while train_clip runs: train_clip finishes and keeps its manifest, embed (which
     needs it) does not start, and the run raises the upsampler's error."""
-    from pipelines.runner import run_pipeline
+    from pipelines.runner import StageFailed, run_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -267,8 +267,42 @@ def test_a_failed_parallel_stage_lets_the_running_one_finish_and_starts_nothing_
         raise RuntimeError("upsampler broke")
 
     spans = parallel_dag(monkeypatch, upsampler=fail)
-    with pytest.raises(RuntimeError, match="upsampler broke"):
+    with pytest.raises(StageFailed, match="train_upsampler failed: RuntimeError: upsampler broke"):
         run_pipeline(parallel_config(tmp_path))
     assert "train_clip" in spans and "embed" not in spans
     assert (tmp_path / "train_clip" / "_manifest.json").is_file()
     assert not (tmp_path / "train_upsampler" / "_manifest.json").exists()
+
+
+def test_a_failed_stage_ends_the_command_with_its_error_in_one_line_and_keeps_the_traceback(tmp_path, monkeypatch):
+    """`unclip run` prints a failed stage's own message and exits 1, without a traceback screen; the
+    traceback is in the stage's directory and its MLflow run (FAILED); a rerun that succeeds removes it."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import RUN_AGAIN, app
+    from tasks.training import TrainingFailed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reason = "training failed: the training split has fewer rows than batch_size=64 per worker (1 workers): lower batch_size"
+
+    def fail():
+        raise TrainingFailed(f"train_upsampler: {reason}")
+
+    parallel_dag(monkeypatch, upsampler=fail)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(parallel_config(tmp_path / "run").model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 1, result.output
+    failure = tmp_path / "run" / "train_upsampler" / "failure.txt"
+    assert result.stderr.splitlines()[-2:] == [f"error: train_upsampler failed: {reason} (traceback: {failure})", RUN_AGAIN]
+    assert f"✗  train_upsampler failed: {reason}" in result.stderr and "Traceback" not in result.output
+    assert "Traceback (most recent call last)" in failure.read_text() and f"TrainingFailed: train_upsampler: {reason}" in failure.read_text()
+    runs = mlflow_runs(tmp_path / "run" / "mlflow.db").set_index("tags.mlflow.runName")
+    assert runs.loc["train_upsampler", "status"] == "FAILED"
+    logged = mlflow.artifacts.download_artifacts(run_id=runs.loc["train_upsampler", "run_id"], artifact_path="failure.txt",
+                                                 tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    assert Path(logged).read_text() == failure.read_text()
+
+    parallel_dag(monkeypatch, upsampler=lambda: None)
+    assert CliRunner().invoke(app, ["run", str(config)]).exit_code == 0
+    assert not failure.exists() and (failure.parent / "_manifest.json").is_file()
