@@ -14,7 +14,7 @@ from pipelines.config import ConfigError, load_config
 app = typer.Typer(help="Train unCLIP text-to-image models on your own image-caption data.", no_args_is_help=True, add_completion=False)
 
 
-RUN_AGAIN = "Finished stages are kept: after the fix, the same command goes on from there."
+RUN_AGAIN = "Finished stages are kept: the same command goes on from there."
 
 
 def _fail(message: str, code: int) -> None:
@@ -44,6 +44,8 @@ def run(
         _fail(str(e), 1)
     except StageFailed as e:
         _fail(f"{e}\n{RUN_AGAIN}", 1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted. {RUN_AGAIN}", 130)
 
 
 @app.command()
@@ -70,6 +72,8 @@ def retrain(
         _fail(str(e), 1)
     except StageFailed as e:
         _fail(f"{e}\n{RUN_AGAIN}", 1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted. {RUN_AGAIN}", 130)
     if done and done.get("registered"):
         registered = done["registered"]
         typer.echo(f"registered {registered['name']} v{registered['version']} ({registered['decision']}): {registered['reason']}")

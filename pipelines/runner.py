@@ -13,15 +13,17 @@ runs, and a finished stage is published to the store, manifest last, before its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
-import traceback
 import time
+import traceback
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -262,7 +264,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         mlflow.set_tag("unclip.stage", stage.name)
         t0 = time.perf_counter()
         try:
-            counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
+            with interrupts_stay_interrupts():
+                counts = {k: float(v) for k, v in stage.run(stage_cfg, ctx).items()}
         except Exception as e:
             raise stage_failed(stage.name, e, out_dir) from e
         duration = time.perf_counter() - t0
@@ -283,6 +286,25 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
     return {"status": "ran", "counts": counts}
+
+
+@contextlib.contextmanager
+def interrupts_stay_interrupts():
+    """img2dataset (ingest) and Ray Train (a fit in the main thread) install SIGINT handlers that end
+    the process with `sys.exit(0)` and leave them installed, so a Ctrl-C during or after such a stage
+    ended the run with exit code 0, as if it had succeeded. A stage's handler is undone when the
+    stage ends, and an exit 0 from within it is an interrupt (the CLI then exits 130)."""
+    main = threading.current_thread() is threading.main_thread()  # only it has signal handlers
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 def stage_failed(name: str, error: Exception, out_dir: Path) -> StageFailed:

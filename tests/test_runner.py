@@ -193,6 +193,51 @@ def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
     assert len(mlflow.search_runs(experiment_names=["unclip"])) == 2
 
 
+def test_a_stage_that_leaves_a_sigint_handler_exiting_0_cannot_make_an_interrupt_look_like_success(tmp_path, monkeypatch):
+    """img2dataset's download (and Ray Train's fit) install a SIGINT handler that calls sys.exit(0) and leave it:
+    after the stage the runner's handler is back, and an exit 0 within the stage is an interrupt."""
+    from pipelines import runner
+    from pipelines.config import PipelineConfig
+    from pipelines.dag import Stage
+
+    def like_img2dataset(cfg, ctx):
+        signal.signal(signal.SIGINT, lambda *args: sys.exit(0))
+        return {"n": cfg.n}
+
+    def interrupted(cfg, ctx):
+        like_img2dataset(cfg, ctx)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the handler runs first
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    use_sqlite_store(tmp_path / "mlflow.db")
+    cfg = PipelineConfig.model_validate({"stages": ["synth"], "synth": {"n": 3}})
+    before = signal.getsignal(signal.SIGINT)
+    runner.run_stage(Stage("synth", like_img2dataset), cfg, tmp_path / "a")
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_stage(Stage("synth", interrupted), cfg, tmp_path / "b")
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (tmp_path / "b" / "synth" / "_manifest.json").exists()
+
+
+def test_ctrl_c_after_ingest_ends_the_run_as_interrupted_not_as_a_success(tmp_path):
+    """img2dataset leaves a SIGINT handler that exits 0 behind: a Ctrl-C in the stage after ingest ends the run
+    with 130 and says so; ingest stays finished, embed does not look finished."""
+    storage = tmp_path / "s"
+    run = unclip("run", QUICK, "--storage", storage, "--set", "stages=[synth, ingest, embed]", "--set", "embed.clip_from=config",
+                 "--set", "synth.n=20", cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (storage / "ingest" / "_manifest.json").exists():
+        assert run.poll() is None, run.stdout.read()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 130, output[-3000:]
+    assert "interrupted. Finished stages are kept: the same command goes on from there." in output
+    assert (storage / "ingest" / "_manifest.json").is_file() and not (storage / "embed" / "_manifest.json").exists()
+
+
 def parallel_dag(monkeypatch, upsampler):
     """synth -> ingest -> {train_clip -> embed, train_upsampler}, each a fake task that records when it ran;
     train_clip waits for train_upsampler to start, which only parallel stages allow; embed runs alone."""
