@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,6 +23,25 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _run_errors_exit():
+    """How `run` and `retrain` end on what they expect can go wrong: one line and an exit code."""
+    from pipelines.object_store import ObjectStoreError
+    from pipelines.runner import StageFailed, StageInputMissing
+
+    try:
+        yield
+    except (ConfigError, StageInputMissing) as e:
+        _fail(str(e), 2)
+    # the store failed mid-way: what is published stays consistent, a retrain's state names no missing file
+    except ObjectStoreError as e:
+        _fail(str(e), 1)
+    except StageFailed as e:
+        _fail(f"{e}\n{RUN_AGAIN}", 1)
+    except KeyboardInterrupt:
+        _fail(f"interrupted. {RUN_AGAIN}", 130)
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="pipeline YAML, e.g. pipelines/configs/demo.yaml")],
@@ -32,20 +52,10 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: KEY=VALUE, e.g. ingest.processes=1")] = None,
 ) -> None:
     """Run the workflow (stages whose manifest matches are skipped)."""
-    from pipelines.object_store import ObjectStoreError
-    from pipelines.runner import StageFailed, StageInputMissing, run_pipeline
+    from pipelines.runner import run_pipeline
 
-    try:
-        cfg = load_config(config, _with_storage(set_, storage))
-        run_pipeline(cfg, only=only, until=until)
-    except (ConfigError, StageInputMissing) as e:
-        _fail(str(e), 2)
-    except ObjectStoreError as e:  # the store failed mid-run: what is published stays consistent; run again
-        _fail(str(e), 1)
-    except StageFailed as e:
-        _fail(f"{e}\n{RUN_AGAIN}", 1)
-    except KeyboardInterrupt:
-        _fail(f"interrupted. {RUN_AGAIN}", 130)
+    with _run_errors_exit():
+        run_pipeline(load_config(config, _with_storage(set_, storage)), only=only, until=until)
 
 
 @app.command()
@@ -59,21 +69,11 @@ def retrain(
     """Add new URL lists to a run's data and retrain every model from the registered champion's
     weights (only new shards are downloaded and embedded); register, promote by the metric rule.
     The same lists twice: nothing new, nothing runs."""
-    from pipelines.object_store import ObjectStoreError
     from pipelines.retrain import retrain as run_retrain
-    from pipelines.runner import StageFailed, StageInputMissing, console
+    from pipelines.runner import console
 
-    try:
-        cfg = load_config(config, _with_storage(set_, storage))
-        done = run_retrain(cfg, new_urls, console)
-    except (ConfigError, StageInputMissing) as e:
-        _fail(str(e), 2)
-    except ObjectStoreError as e:  # the store failed mid-retrain: its state names no missing file; run it again
-        _fail(str(e), 1)
-    except StageFailed as e:
-        _fail(f"{e}\n{RUN_AGAIN}", 1)
-    except KeyboardInterrupt:
-        _fail(f"interrupted. {RUN_AGAIN}", 130)
+    with _run_errors_exit():
+        done = run_retrain(load_config(config, _with_storage(set_, storage)), new_urls, console)
     if done and done.get("registered"):
         registered = done["registered"]
         typer.echo(f"registered {registered['name']} v{registered['version']} ({registered['decision']}): {registered['reason']}")
