@@ -151,19 +151,26 @@ class ObjectStore:
         shutil.rmtree(local_dir, ignore_errors=True)
         os.replace(tmp, local_dir)
 
-    def unpublish(self, stage: str) -> None:
-        """Remove the stage's manifest from the store (first), then its objects."""
+    def unpublish(self, stage: str, keep: tuple[str, ...] = ()) -> None:
+        """Remove the stage's manifest from the store (first), then its objects but the top-level `keep` names."""
         try:
             self.fs.delete_file(self.path(stage, MANIFEST))
         except FileNotFoundError:
             pass
-        self.fs.delete_dir_contents(self.path(stage), missing_dir_ok=True)
+        if not keep:
+            self.fs.delete_dir_contents(self.path(stage), missing_dir_ok=True)
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path(stage), allow_not_found=True)):
+            if info.base_name not in keep:
+                self.fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else self.fs.delete_file(info.path)
 
-    def publish(self, stage: str, local_dir: Path, manifest: str, local_only: tuple[str, ...] = ()) -> None:
+    def publish(self, stage: str, local_dir: Path, manifest: str, local_only: tuple[str, ...] = (),
+                keep: tuple[str, ...] = ()) -> None:
         """Upload a finished stage: old manifest and objects out, the directory in, the manifest last,
-        then read back. `local_only`: top-level names that stay on this machine (runner markers)."""
+        then read back. `local_only`: top-level names that stay on this machine (runner markers);
+        `keep`: top-level names that only the store has (a training stage's checkpoints) and that stay."""
         try:
-            self.unpublish(stage)
+            self.unpublish(stage, keep=keep)
             pafs.copy_files(str(local_dir), self.path(stage), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
             for name in local_only:
                 if (local_dir / name).exists():
@@ -182,6 +189,17 @@ class ObjectStore:
             return None
         except OSError as e:
             raise ObjectStoreError(f"storage {self.uri}: cannot read {relpath} ({one_line(e)})") from None
+
+    def delete(self, relpath: str) -> None:
+        """Remove a folder (or object) from the store, if it is there."""
+        try:
+            info = self.fs.get_file_info(self.path(relpath))
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(info.path)
+        except OSError as e:
+            raise ObjectStoreError(f"storage {self.uri}: deleting {relpath} failed ({one_line(e)})") from None
 
     def upload(self, local: Path, relpath: str) -> None:
         """Copy a local file or folder to `relpath` in the store."""

@@ -9,6 +9,8 @@ scratch, or, for an incremental stage whose settings did not change, from where 
 With storage on an object store (`s3://...`, pipelines.object_store) the stages run in a local
 mirror; the store's manifests decide what is done, a stage's finished inputs are pulled before it
 runs, and a finished stage is published to the store, manifest last, before its local manifest.
+A training stage keeps its Ray Train checkpoints and its start marker in the store itself, so it
+resumes on whichever machine runs it next.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pipelines.dag import Stage, plan
 from pipelines.nodes import check_storage_on_every_node
 from pipelines.object_store import ObjectStore
 from tasks.context import MANIFEST, StageContext
+from tasks.training import RAY_RUN_NAME
 
 MLFLOW_RUN_ID = ".mlflow_run_id"
 STARTED = ".started"  # not *.json: img2dataset treats every json in its folder as a finished shard
@@ -236,30 +239,47 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
             (out_dir / MANIFEST).unlink()
 
     # An incremental stage keeps what it has when its own settings are unchanged: after a crash
-    # (the start marker says so) or when only its inputs grew (the old manifest says so).
+    # (the start marker says so) or when only its inputs grew (the old manifest says so). A resumable
+    # one continues its checkpoints only for the same settings and inputs (its marker is the fingerprint).
+    marker = fingerprint if stage.resumable else config_hash
+    # a resumable stage on a store checkpoints there, beside the store's marker: any machine may continue it
+    checkpoints_in_store = store is not None and stage.resumable
     started_with = (out_dir / STARTED).read_text() if (out_dir / STARTED).is_file() else None
+    if checkpoints_in_store:
+        started_with = store.read_text(f"{stage.name}/{STARTED}")
     resume = (stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))) or (
-        stage.resumable and config_hash == started_with)
+        stage.resumable and marker == started_with)
     if out_dir.exists() and not resume:
         clear_stage_dir(out_dir, keep=stage.keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     (out_dir / FAILURE).unlink(missing_ok=True)  # a resumed stage's earlier failure
-    (out_dir / STARTED).write_text(config_hash)
-    console.print(f"[bold cyan]▶  {stage.name}[/]" + (" (resuming: keeping finished parts)" if resume and any(out_dir.iterdir()) else ""))
+    (out_dir / STARTED).write_text(marker)
+    if checkpoints_in_store:
+        if not resume:
+            store.delete(f"{stage.name}/{RAY_RUN_NAME}")  # an attempt with other settings or inputs
+        store.write_text(f"{stage.name}/{STARTED}", marker)
+    console.print(f"[bold cyan]▶  {stage.name}[/]" + (" (resuming: keeping finished parts)" if resume and (
+        checkpoints_in_store or any(out_dir.iterdir())) else ""))
 
     if stage.needs_ray:
         ensure_ray(cfg)
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed,
-                       show_progress=cfg.progress, run_started=run_started)
+                       show_progress=cfg.progress, run_started=run_started,
+                       checkpoint_path=store.path(stage.name) if checkpoints_in_store else None,
+                       checkpoint_filesystem=store.fs if checkpoints_in_store else None)
     started = datetime.now(timezone.utc)
     # A stage resumed after a crash continues its own MLflow run (its id is kept in the stage
     # directory); one that grows with its inputs is a new run (its appended inputs are new params).
     run_id_file = out_dir / MLFLOW_RUN_ID
     run_id = run_id_file.read_text().strip() if resume and started_with is not None and run_id_file.is_file() else None
+    if resume and checkpoints_in_store and run_id is None:  # begun on another machine: its run, if tracked here too
+        run_id = known_run(store.read_text(f"{stage.name}/{MLFLOW_RUN_ID}"), cfg.mlflow.experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage.name, nested=True,
                           parent_run_id=parent_run_id) as child:
         run_id_file.write_text(child.info.run_id)
+        if checkpoints_in_store:
+            store.write_text(f"{stage.name}/{MLFLOW_RUN_ID}", child.info.run_id)
         mlflow.log_params(_flatten(stage_cfg.model_dump(mode="json")))
         mlflow.set_tag("unclip.stage", stage.name)
         t0 = time.perf_counter()
@@ -281,7 +301,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         "duration_s": duration,
     }
     if store:  # published first: until the store has the manifest, the mirror keeps its start marker
-        store.publish(stage.name, out_dir, _manifest_text(manifest), local_only=(STARTED,))
+        store.publish(stage.name, out_dir, _manifest_text(manifest), local_only=(STARTED,),
+                      keep=(RAY_RUN_NAME, STARTED) if checkpoints_in_store else ())
     write_manifest(out_dir, manifest)
     summary = ", ".join(f"{k}={v:g}" for k, v in counts.items())
     console.print(f"[green]✓  {stage.name}[/] in {duration:.1f} s: {summary}")
@@ -305,6 +326,18 @@ def interrupts_stay_interrupts():
     finally:
         if main:
             signal.signal(signal.SIGINT, before)
+
+
+def known_run(run_id: str | None, experiment: str) -> str | None:
+    """The run id if the tracking store has that run, live and in this experiment (a shared server), else None."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id.strip()) if run_id else None
+    except MlflowException:
+        return None
+    ours = mlflow.get_experiment_by_name(experiment)
+    if run is None or ours is None or run.info.experiment_id != ours.experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    return run.info.run_id
 
 
 def stage_failed(name: str, error: Exception, out_dir: Path) -> StageFailed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 # Written into a stage's out_dir, atomically and last, by the runner once the stage finished: a
@@ -34,6 +35,10 @@ class StageContext:
     seed: int = 0
     show_progress: bool = True  # progress bars on long work
     run_started: float | None = None  # time.time() when the pipeline run began (None: a stage run alone)
+    # Where a training stage's Ray Train checkpoints go, when not in out_dir: the stage's folder in an object
+    # store and its pyarrow filesystem, so an interrupted stage resumes on any machine
+    checkpoint_path: str | None = None
+    checkpoint_filesystem: Any = None
 
     def input(self, stage: str) -> Path:
         if stage not in self.inputs:

@@ -1,7 +1,7 @@
 """The one Ray Train loop every `train_*` stage runs; a stage brings only its `TrainSpec`.
 
     driver (stage's run):  fit(spec, cfg, ctx, train_ds, val_ds)
-        └─ TorchTrainer(train_loop, ScalingConfig from cfg + cluster, RunConfig(storage=<out_dir>))
+        └─ TorchTrainer(train_loop, ScalingConfig from cfg + cluster, RunConfig(storage=<out_dir> or the store's))
     each worker:  build network (models.sizes) → init_from → resume from ray.train.get_checkpoint()
         → DDP or FSDP (cfg.strategy) → steps: batches from get_dataset_shard("train"), spec.batches
         turns them into the kind's objective batch, AdamW + warm-up/cosine, clipping,
@@ -235,7 +235,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
-            storage_path=str(ctx.out_dir),
+            storage_path=ctx.checkpoint_path or str(ctx.out_dir),
+            storage_filesystem=ctx.checkpoint_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,

@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 from pipelines import object_store, runner
 from pipelines.cli import app
 from pipelines.config import PipelineConfig
-from pipelines.dag import Stage
+from pipelines.dag import DAG, Stage
 from pipelines.object_store import ObjectStore, ObjectStoreError
 from tests.mlflow_helpers import use_sqlite_store
+from tasks import train_prior
 from tests.test_runner import DATA_HALF, QUICK, unclip
+from tests.train_helpers import train_inputs  # noqa: F401  (fixture)
 
 
 def free_port() -> int:
@@ -184,6 +186,46 @@ def test_an_incremental_stage_grows_from_the_store_on_a_fresh_mirror(bucket, tmp
     assert {"synth/a", "synth/b", "synth/c"} <= store_files(store.uri)
     assert store.read_manifest("synth")["counts"] == {"n": 3.0}
     assert runner.run_stage(stage, synth_config(3), tmp_path / "machine3", store)["status"] == "skipped"
+
+
+def test_a_training_stage_resumes_from_the_stores_checkpoints_on_another_machine(s3_server, bucket, tmp_path, tracking,
+                                                                                 train_inputs):
+    """Ray Train checkpoints a training stage into the store as it goes, so a machine with an empty
+    mirror resumes it where the lost one stopped, in the same MLflow run; other settings start over."""
+    # keys in the filesystem itself: this test's Ray workers were started before the bucket fixture set AWS_*
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing", secret_key="testing",
+                           region="us-east-1")
+    store = ObjectStore(f"s3://{bucket}/run", fs, f"{bucket}/run")
+    store.publish("embed", train_inputs.embed, json.dumps({"stage": "embed", "fingerprint": "e", "counts": {}}))
+
+    def settings(steps: int) -> PipelineConfig:
+        return PipelineConfig.model_validate({"stages": ["embed", "train_prior"], "train_prior": {
+            "steps": steps, "batch_size": 16, "checkpoint_every": 10, "log_every": 5, "val_fraction": 0.0}})
+
+    def lose_the_machine_at_step_10(cfg, ctx):
+        train_prior.run(cfg.model_copy(update={"steps": 10}), ctx)
+        raise RuntimeError("machine lost")
+
+    lost = Stage("train_prior", lose_the_machine_at_step_10, inputs=DAG["train_prior"].inputs, resumable=True,
+                 needs_ray=True)
+    with pytest.raises(runner.StageFailed, match="machine lost"):
+        runner.run_stage(lost, settings(20), tmp_path / "machine1", store)
+    files = store_files(store.uri)
+    assert "train_prior/ray_train/checkpoint_manager_snapshot.json" in files
+    assert "train_prior/_manifest.json" not in files
+    assert not (tmp_path / "machine1" / "train_prior" / "ray_train").exists()  # in the store, not the mirror
+    first_run_id = store.read_text("train_prior/.mlflow_run_id")
+
+    resumed = runner.run_stage(DAG["train_prior"], settings(20), tmp_path / "machine2", store)
+    assert resumed["counts"]["resumed_from_step"] == 10 and resumed["counts"]["steps"] == 20
+    assert store.read_manifest("train_prior")["counts"]["steps"] == 20
+    files = store_files(store.uri)
+    assert "train_prior/ema/config.json" in files and "train_prior/.started" not in files
+    assert (tmp_path / "machine2" / "train_prior" / ".mlflow_run_id").read_text() == first_run_id
+
+    # other settings: a new attempt; the store's checkpoints (kept with the published stage) are not its to resume
+    redone = runner.run_stage(DAG["train_prior"], settings(10), tmp_path / "machine3", store)
+    assert redone["counts"]["resumed_from_step"] == 0 and redone["counts"]["steps"] == 10
 
 
 def fails_before_anything_runs(tmp_path, monkeypatch, *args) -> str:

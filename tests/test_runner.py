@@ -193,6 +193,30 @@ def test_a_redone_stage_keeps_only_its_keep_paths(tmp_path, monkeypatch):
     assert len(mlflow.search_runs(experiment_names=["unclip"])) == 2
 
 
+def test_a_crashed_resumable_stage_keeps_its_checkpoints_only_for_the_same_settings_and_inputs(tmp_path, monkeypatch):
+    from pipelines import runner
+    from pipelines.config import PipelineConfig
+    from pipelines.dag import Stage
+
+    seen = []
+
+    def train_and_crash(cfg, ctx):
+        seen.append(sorted(p.name for p in ctx.out_dir.iterdir() if not p.name.startswith(".")))
+        (ctx.out_dir / "checkpoint").write_text("step 10")
+        raise RuntimeError("crashed")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    use_sqlite_store(tmp_path / "mlflow.db")
+    stage = Stage("ingest", train_and_crash, inputs=lambda cfg: ("synth",), resumable=True)
+    cfg = PipelineConfig.model_validate({"stages": ["synth", "ingest"]})
+    (tmp_path / "synth").mkdir()
+    for input_fingerprint in ("a", "a", "b"):  # the same input twice, then the input redone
+        runner.write_manifest(tmp_path / "synth", {"stage": "synth", "fingerprint": input_fingerprint, "counts": {}})
+        with pytest.raises(runner.StageFailed, match="crashed"):
+            runner.run_stage(stage, cfg, tmp_path)
+    assert seen == [[], ["checkpoint"], []]
+
+
 def test_a_stage_that_leaves_a_sigint_handler_exiting_0_cannot_make_an_interrupt_look_like_success(tmp_path, monkeypatch):
     """img2dataset's download (and Ray Train's fit) install a SIGINT handler that calls sys.exit(0) and leave it:
     after the stage the runner's handler is back, and an exit 0 within the stage is an interrupt."""
