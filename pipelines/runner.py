@@ -53,6 +53,9 @@ console.soft_wrap = not console.is_terminal  # in a log (`ray job logs`, CI) a m
 
 
 FAILURE = "failure.txt"  # a failed stage's traceback, beside its partial output and in its MLflow run
+# Set when Ctrl-C ends a run with stages still in their threads: Ray's shutdown then kills their actors, which
+# is not a failure of those stages to report
+INTERRUPTED = threading.Event()
 
 
 class StageInputMissing(RuntimeError):
@@ -102,7 +105,12 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     with mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tags({"unclip.storage": store.uri if store else str(storage), "unclip.stages": ",".join(s.name for s in stages)})
         mlflow.log_artifact(str(config_file))
-        results = run_stages(stages, cfg, storage, store, run_started=started, parent_run_id=parent.info.run_id)
+        INTERRUPTED.clear()
+        try:
+            results = run_stages(stages, cfg, storage, store, run_started=started, parent_run_id=parent.info.run_id)
+        except KeyboardInterrupt:
+            INTERRUPTED.set()
+            raise
         mlflow.set_tag("unclip.skipped", ",".join(n for n, r in results.items() if r["status"] == "skipped"))
     console.print(f"[bold green]done[/] (MLflow run {parent.info.run_id})")
     if "evaluate" in results:
@@ -353,7 +361,8 @@ def stage_failed(name: str, error: Exception, out_dir: Path) -> StageFailed:
     message = lines[0].removeprefix(f"{name}: ") if lines else ""
     if type(error).__module__ == "builtins" or not message:  # ours name the problem; a KeyError needs its type
         message = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    console.print(f"[red]✗  {name} failed[/]: {escape(message)}")
+    if not INTERRUPTED.is_set():
+        console.print(f"[red]✗  {name} failed[/]: {escape(message)}")
     return StageFailed(f"{name} failed: {message} (traceback: {out_dir / FAILURE})")
 
 

@@ -343,6 +343,29 @@ def test_a_failed_parallel_stage_lets_the_running_one_finish_and_starts_nothing_
     assert not (tmp_path / "train_upsampler" / "_manifest.json").exists()
 
 
+def test_ctrl_c_does_not_report_the_stages_it_ends_beside_it_as_failed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while train_upsampler runs beside train_clip: the run is interrupted; the stage whose actors
+    then die with the driver is not reported as a failed stage."""
+    from pipelines.runner import run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    driver_gone = threading.Event()
+
+    def interrupted_then_its_actor_dies():
+        os.kill(os.getpid(), signal.SIGINT)
+        driver_gone.wait(30)
+        raise RuntimeError("The actor is dead because its owner has died")
+
+    parallel_dag(monkeypatch, upsampler=interrupted_then_its_actor_dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(parallel_config(tmp_path))
+    driver_gone.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("stage-"):
+            thread.join(30)
+    assert "actor is dead" not in capsys.readouterr().err
+
+
 def test_a_failed_stage_ends_the_command_with_its_error_in_one_line_and_keeps_the_traceback(tmp_path, monkeypatch):
     """`unclip run` prints a failed stage's own message and exits 1, without a traceback screen; the
     traceback is in the stage's directory and its MLflow run (FAILED); a rerun that succeeds removes it."""
