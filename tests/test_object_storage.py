@@ -20,8 +20,8 @@ from pipelines.cli import app
 from pipelines.config import PipelineConfig
 from pipelines.dag import DAG, Stage
 from pipelines.object_store import ObjectStore, ObjectStoreError
-from tests.mlflow_helpers import use_sqlite_store
 from tasks import train_prior
+from tests.mlflow_helpers import use_sqlite_store
 from tests.test_runner import DATA_HALF, QUICK, unclip
 from tests.train_helpers import train_inputs  # noqa: F401  (fixture)
 
@@ -188,6 +188,7 @@ def test_an_incremental_stage_grows_from_the_store_on_a_fresh_mirror(bucket, tmp
     assert runner.run_stage(stage, synth_config(3), tmp_path / "machine3", store)["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_a_training_stage_resumes_from_the_stores_checkpoints_on_another_machine(s3_server, bucket, tmp_path, tracking,
                                                                                  train_inputs):
     """Ray Train checkpoints a training stage into the store as it goes, so a machine with an empty
