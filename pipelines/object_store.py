@@ -162,7 +162,7 @@ class ObjectStore:
             return
         for info in self.fs.get_file_info(pafs.FileSelector(self.path(stage), allow_not_found=True)):
             if info.base_name not in keep:
-                self.fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else self.fs.delete_file(info.path)
+                self._remove(info)
 
     def publish(self, stage: str, local_dir: Path, manifest: str, local_only: tuple[str, ...] = (),
                 keep: tuple[str, ...] = ()) -> None:
@@ -193,13 +193,15 @@ class ObjectStore:
     def delete(self, relpath: str) -> None:
         """Remove a folder (or object) from the store, if it is there."""
         try:
-            info = self.fs.get_file_info(self.path(relpath))
-            if info.type == pafs.FileType.Directory:
-                self.fs.delete_dir(info.path)
-            elif info.type == pafs.FileType.File:
-                self.fs.delete_file(info.path)
+            self._remove(self.fs.get_file_info(self.path(relpath)))
         except OSError as e:
             raise ObjectStoreError(f"storage {self.uri}: deleting {relpath} failed ({one_line(e)})") from None
+
+    def _remove(self, info: pafs.FileInfo) -> None:
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
 
     def upload(self, local: Path, relpath: str) -> None:
         """Copy a local file or folder to `relpath` in the store."""

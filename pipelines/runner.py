@@ -252,9 +252,10 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
     marker = fingerprint if stage.resumable else config_hash
     # a resumable stage on a store checkpoints there, beside the store's marker: any machine may continue it
     checkpoints_in_store = store is not None and stage.resumable
-    started_with = (out_dir / STARTED).read_text() if (out_dir / STARTED).is_file() else None
     if checkpoints_in_store:
         started_with = store.read_text(f"{stage.name}/{STARTED}")
+    else:
+        started_with = (out_dir / STARTED).read_text() if (out_dir / STARTED).is_file() else None
     resume = (stage.incremental and config_hash in (started_with, (previous or {}).get("config_hash"))) or (
         stage.resumable and marker == started_with)
     if out_dir.exists() and not resume:
