@@ -6,6 +6,10 @@ this user. The venv's bin is removed from PATH first: the README's commands must
 activated venv. The pipeline job runs the quick preset's data half (synth, ingest, embed, pca:
 the stages that exercise Ray and MLflow, in a few minutes on 2 cores; training adds nothing new
 to how a job runs).
+
+A second Ray node joins the head, so the jobs run on a two-node cluster. It runs in its own mount
+namespace with an empty tmpfs over one folder (BLIND below): a node without the shared filesystem
+for that folder only, as a cluster node that lacks the storage volume (needs `unshare`, i.e. root).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def stop_session(sid: int, grace_s: float = 20) -> None:
+def stop_session(sid: int, grace_s: float = 5) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in session_pids(sid):
             try:
@@ -102,12 +106,53 @@ def head():
                 if time.monotonic() > deadline:
                     raise AssertionError(f"no Ray dashboard at {address} after 240 s:\n{(Path(temp_dir) / 'head.log').read_text()}")
                 time.sleep(2)
-        yield address
+        # its own temp dir, as on another machine: its runtime-env agent unpacks the working dir there too
+        node_temp_dir = tempfile.mkdtemp(prefix="unclip-ray2-", dir="/tmp")
+        node = start_second_node(address, ports["--port"], node_temp_dir)
+        try:
+            yield address
+        finally:
+            stop_session(node.pid)
+            node.wait(timeout=30)
+            shutil.rmtree(node_temp_dir, ignore_errors=True)
+            shutil.rmtree(BLIND, ignore_errors=True)
     finally:
         stop_session(proc.pid)
         proc.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+BLIND = Path(tempfile.gettempdir()) / "unclip-not-on-node-2"
+
+
+def can_hide_a_folder() -> bool:
+    """Whether a process here may get its own mounts (root, or CAP_SYS_ADMIN) to hide a folder with."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs "$0"', tempfile.gettempdir()], capture_output=True).returncode == 0
+
+
+def start_second_node(address: str, head_port: int, temp_dir: str) -> subprocess.Popen:
+    """A 1-CPU worker node on this machine joined to the head (tests/ray_node.py); BLIND is an empty
+    folder on it when it can have its own mounts."""
+    start = f"exec {sys.executable} {REPO / 'tests' / 'ray_node.py'} 127.0.0.1:{head_port} {temp_dir} 1"
+    BLIND.mkdir(exist_ok=True)
+    command = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {BLIND} && {start}"] if can_hide_a_folder() else ["sh", "-c", start]
+    log = open(Path(temp_dir) / "node2.log", "w")
+    node = subprocess.Popen(command, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(alive_nodes(address)) < 2:
+        if node.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the second Ray node did not join:\n{(Path(temp_dir) / 'node2.log').read_text()}")
+        time.sleep(1)
+    return node
+
+
+def alive_nodes(address: str) -> list[dict]:
+    """The cluster's live nodes, from the dashboard's state API."""
+    with urllib.request.urlopen(f"{address}/api/v0/nodes", timeout=10) as response:
+        nodes = json.load(response)["data"]["result"]["result"]
+    return [n for n in nodes if n["state"] == "ALIVE"]
 
 
 def ray_job(*args, timeout=900) -> subprocess.CompletedProcess:
@@ -136,6 +181,7 @@ def test_pipeline_job_succeeds_with_outputs_mlflow_runs_and_readable_progress(he
                         "--set", "progress=true")
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     assert job_status(head, "unclip-quick-ok") == "SUCCEEDED"
+    assert len(alive_nodes(head)) == 2  # it ran on two nodes, and checked that both see its storage
 
     for stage in ("synth", "ingest", "embed", "pca"):
         assert (storage / stage / "_manifest.json").is_file()
@@ -183,4 +229,24 @@ def test_job_driver_and_workers_import_the_uploaded_working_dir(head):
     paths = json.loads(line.removeprefix("UNCLIP_PROBE "))
     uploaded = Path(paths["cwd"]) / "pipelines" / "__init__.py"
     assert "working_dir_files" in paths["cwd"] and Path(paths["cwd"]) != REPO
-    assert Path(paths["driver"]) == uploaded and Path(paths["worker"]) == uploaded
+    assert Path(paths["driver"]) == uploaded
+    # one worker on each of the two nodes, each importing the copy its node unpacked
+    workers = [Path(p) for p in paths["workers"]]
+    assert len(workers) == 2 and uploaded in workers
+    assert all(w.parts[-4:] == uploaded.parts[-4:] and "working_dir_files" in w.parts for w in workers)
+
+
+@pytest.mark.skipif(not can_hide_a_folder(), reason="needs `unshare -m` (root) for a node without the folder")
+def test_a_job_whose_storage_one_node_cannot_see_fails_naming_that_node(head, tmp_path):
+    """A stage's workers run on any node: a run stops before any stage when one node lacks its storage."""
+    storage = BLIND / f"u3-{tmp_path.name}"
+    submitted = ray_job("submit", "--address", head, "--working-dir", ".", "--submission-id", "unclip-blind", "--",
+                        "unclip", "run", "pipelines/configs/quick.yaml", "--storage", storage, *DATA_HALF)
+    assert submitted.returncode != 0
+    assert job_status(head, "unclip-blind") == "FAILED"
+    logs = job_logs(head, "unclip-blind")
+    node = next(n for n in alive_nodes(head) if not n["is_head_node"])
+    assert f"error: storage {storage} is not visible from 1 of the cluster's 2 Ray nodes (127.0.0.1 ({node['node_id'][:8]}))" in logs
+    assert "with --storage" in logs and "Traceback" not in logs
+    assert not (storage / "synth").exists() and list((storage / "_pipeline").iterdir()) == []  # the check left no marker
+    shutil.rmtree(storage)

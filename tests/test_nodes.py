@@ -1,6 +1,6 @@
-"""pipelines/nodes.py: a run on a cluster checks that every node sees its storage. A second node on
-this machine would need Ray bound to every interface (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1), and
-would share this machine's files anyway, so the node-side check runs here on the real local node."""
+"""pipelines/nodes.py: a run on a cluster checks that every node sees its storage. The node-side
+check on the real local node; a two-node cluster with a node that does not see the storage, as a
+submitted job: tests/test_job_submit.py."""
 
 from pipelines.config import ConfigError
 from pipelines.nodes import check_storage_on_every_node, nodes_without, not_shared_error
