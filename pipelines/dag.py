@@ -38,7 +38,7 @@ class Stage:
     # Paths under the stage directory that survive a redo: caches named by what they depend on
     # (evaluate's real-image statistics, per dataset version), so a redo with new inputs reuses them.
     keep: tuple[str, ...] = ()
-    # With parallel stages, a stage that runs with no other stage beside it (in the main thread): ingest installs
+    # A stage that runs with no other stage beside it, in the main thread (the others run in threads): ingest installs
     # signal handlers (img2dataset); embed and evaluate size their Ray actor pools to the whole cluster, and beside a
     # training stage they wait for CPUs it holds while their own torch threads slow it down.
     alone: bool = False

@@ -123,9 +123,9 @@ def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: O
     """Run each stage once its inputs in this run have finished, up to `cfg.parallel_stages` at a
     time; results in plan order. Parallel stages are threads of this driver (their work runs in
     Ray's processes), so one stage's start-up (actors, imports) overlaps another's training. After
-    a failure no new stage starts; those running finish (their output is kept), then it is raised."""
-    if cfg.parallel_stages == 1 or len(stages) == 1:
-        return {stage.name: run_stage(stage, cfg, storage, store, run_started=run_started) for stage in stages}
+    a failure no new stage starts; those running finish (their output is kept), then it is raised.
+    One at a time too, a stage that is not `alone` runs in a thread: Ray Train's fit in the main
+    thread installs its own SIGINT handler, whose abort ends the process with exit code 1 and no word."""
     planned = {stage.name for stage in stages}
     waiting = list(stages)
     finished: queue.Queue = queue.Queue()

@@ -245,21 +245,23 @@ def test_a_stage_that_leaves_a_sigint_handler_exiting_0_cannot_make_an_interrupt
     assert not (tmp_path / "b" / "synth" / "_manifest.json").exists()
 
 
-def test_ctrl_c_after_ingest_ends_the_run_as_interrupted_not_as_a_success(tmp_path):
-    """img2dataset leaves a SIGINT handler that exits 0 behind: a Ctrl-C in the stage after ingest ends the run
-    with 130 and says so; ingest stays finished, embed does not look finished."""
+def test_ctrl_c_in_training_after_ingest_ends_the_run_as_interrupted_not_as_a_success(tmp_path):
+    """img2dataset leaves a SIGINT handler that exits 0 behind, and Ray Train's fit in the main thread installs one
+    whose abort exits 1 without a word: a Ctrl-C in the training stage after ingest, stages one at a time, ends the
+    run with 130 and says so; ingest stays finished, the training stage does not look finished."""
     storage = tmp_path / "s"
-    run = unclip("run", QUICK, "--storage", storage, "--set", "stages=[synth, ingest, embed]", "--set", "embed.clip_from=config",
-                 "--set", "synth.n=20", cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    run = unclip("run", QUICK, "--storage", storage, "--set", "stages=[synth, ingest, train_upsampler]", "--set", "synth.n=40",
+                 "--set", "parallel_stages=1", "--set", "train_upsampler.steps=100000", cwd=tmp_path,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while time.time() < deadline and not (storage / "ingest" / "_manifest.json").exists():
+    while time.time() < deadline and not (storage / "train_upsampler" / "ray_train").exists():  # in fit
         assert run.poll() is None, run.stdout.read()
         time.sleep(0.1)
     run.send_signal(signal.SIGINT)
     output = run.communicate(timeout=300)[0]
     assert run.returncode == 130, output[-3000:]
     assert "interrupted. Finished stages are kept: the same command goes on from there." in output
-    assert (storage / "ingest" / "_manifest.json").is_file() and not (storage / "embed" / "_manifest.json").exists()
+    assert (storage / "ingest" / "_manifest.json").is_file() and not (storage / "train_upsampler" / "_manifest.json").exists()
 
 
 def parallel_dag(monkeypatch, upsampler):
