@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.context import EXECUTION_ONLY, StageContext
 from tasks.progress import progress as progress_bar
+
+# Worker lines go through logging: Ray Train's workers print each print() twice (stdout, and its log on stderr)
+log = logging.getLogger(__name__)
 
 RAY_RUN_NAME = "ray_train"
 TRAINING_FILE = "training.json"  # {"step", "start_step", "init_from"} of the exported weights
@@ -494,7 +498,7 @@ def train_loop(config: dict[str, Any]) -> None:
         counters.update(extra.get("counters", {}))
         counters["resumed_from_step"] = step
         if rank == 0:
-            print(f"{config['stage']}: resuming from the checkpoint at step {step}", flush=True)
+            log.info(f"{config['stage']}: resuming from the checkpoint at step {step}")
         torch.manual_seed(config["seed"] + rank + 7919 * step)  # fresh draws after a resume, still seeded
         generator.manual_seed(config["seed"] * 1000 + rank + 7919 * step)
     if fsdp:
@@ -718,8 +722,7 @@ def _replan(budget: StepBudget, step: int, end: int, schedule, cfg: TrainConfig,
         if progress is not None:
             progress.total = planned
         if rank == 0 and end == budget.end:  # the first cut
-            print(f"time budget: {planned - step} more steps fit, to step {planned} of "
-                  f"{budget.end}", flush=True)
+            log.info(f"time budget: {planned - step} more steps fit, to step {planned} of {budget.end}")
     return planned
 
 

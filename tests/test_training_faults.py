@@ -95,7 +95,7 @@ def test_killed_driver_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     first.wait()
     assert not (storage / "train_prior" / "_manifest.json").exists()
     second = unclip(*args, cwd=tmp_path)
-    assert "resuming from the checkpoint at step" in second.stdout + second.stderr
+    assert (second.stdout + second.stderr).count("resuming from the checkpoint at step") == 1
     manifest = (storage / "train_prior" / "_manifest.json").read_text()
     assert '"resumed_from_step": 0.0' not in manifest
     mlflow.set_tracking_uri(f"sqlite:///{storage}/mlflow.db")
