@@ -18,8 +18,7 @@ if __name__ == "__main__":
     gcs_address, temp_dir, num_cpus = sys.argv[1], sys.argv[2], int(sys.argv[3])
     params = ray._private.parameter.RayParams(
         gcs_address=gcs_address, node_ip_address="127.0.0.1", temp_dir=temp_dir, num_cpus=num_cpus, num_gpus=0,
-        object_store_memory=128 * 2**20, min_worker_port=0, max_worker_port=0, node_manager_port=0,
-        include_log_monitor=False)
+        object_store_memory=128 * 2**20, min_worker_port=0, max_worker_port=0, node_manager_port=0)
     params.dashboard_agent_listen_port = None  # a free port, not the head's agent's
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through shutdown_at_exit: stops the node's processes

@@ -225,7 +225,8 @@ def test_job_driver_and_workers_import_the_uploaded_working_dir(head):
     submitted = ray_job("submit", "--address", head, "--working-dir", ".", "--submission-id", "unclip-probe", "--",
                         "python", "tests/job_probe.py")
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    line = next(line for line in job_logs(head, "unclip-probe").splitlines() if line.startswith("UNCLIP_PROBE "))
+    logs = job_logs(head, "unclip-probe")
+    line = next(line for line in logs.splitlines() if line.startswith("UNCLIP_PROBE "))
     paths = json.loads(line.removeprefix("UNCLIP_PROBE "))
     uploaded = Path(paths["cwd"]) / "pipelines" / "__init__.py"
     assert "working_dir_files" in paths["cwd"] and Path(paths["cwd"]) != REPO
@@ -234,6 +235,8 @@ def test_job_driver_and_workers_import_the_uploaded_working_dir(head):
     workers = [Path(p) for p in paths["workers"]]
     assert len(workers) == 2 and uploaded in workers
     assert all(w.parts[-4:] == uploaded.parts[-4:] and "working_dir_files" in w.parts for w in workers)
+    for node in alive_nodes(head):  # the second node's worker output reaches the job's logs too
+        assert f"UNCLIP_WORKER_ON {node['node_id']}" in logs
 
 
 @pytest.mark.skipif(not can_hide_a_folder(), reason="needs `unshare -m` (root) for a node without the folder")
