@@ -132,14 +132,17 @@ def can_hide_a_folder() -> bool:
         ["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs "$0"', tempfile.gettempdir()], capture_output=True).returncode == 0
 
 
+HIDES_A_FOLDER = can_hide_a_folder()
+
+
 def start_second_node(address: str, head_port: int, temp_dir: str) -> subprocess.Popen:
     """A 1-CPU worker node on this machine joined to the head (tests/ray_node.py); BLIND is an empty
     folder on it when it can have its own mounts."""
     start = f"exec {sys.executable} {REPO / 'tests' / 'ray_node.py'} 127.0.0.1:{head_port} {temp_dir} 1"
     BLIND.mkdir(exist_ok=True)
-    command = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {BLIND} && {start}"] if can_hide_a_folder() else ["sh", "-c", start]
-    log = open(Path(temp_dir) / "node2.log", "w")
-    node = subprocess.Popen(command, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {BLIND} && {start}"] if HIDES_A_FOLDER else ["sh", "-c", start]
+    with open(Path(temp_dir) / "node2.log", "w") as log:  # the node writes to its own copy of the descriptor
+        node = subprocess.Popen(command, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(alive_nodes(address)) < 2:
         if node.poll() is not None or time.monotonic() > deadline:
@@ -239,7 +242,7 @@ def test_job_driver_and_workers_import_the_uploaded_working_dir(head):
         assert f"UNCLIP_WORKER_ON {node['node_id']}" in logs
 
 
-@pytest.mark.skipif(not can_hide_a_folder(), reason="needs `unshare -m` (root) for a node without the folder")
+@pytest.mark.skipif(not HIDES_A_FOLDER, reason="needs `unshare -m` (root) for a node without the folder")
 def test_a_job_whose_storage_one_node_cannot_see_fails_naming_that_node(head, tmp_path):
     """A stage's workers run on any node: a run stops before any stage when one node lacks its storage."""
     storage = BLIND / f"u3-{tmp_path.name}"
@@ -252,4 +255,3 @@ def test_a_job_whose_storage_one_node_cannot_see_fails_naming_that_node(head, tm
     assert f"error: storage {storage} is not visible from 1 of the cluster's 2 Ray nodes (127.0.0.1 ({node['node_id'][:8]}))" in logs
     assert "with --storage" in logs and "Traceback" not in logs
     assert not (storage / "synth").exists() and list((storage / "_pipeline").iterdir()) == []  # the check left no marker
-    shutil.rmtree(storage)
