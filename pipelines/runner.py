@@ -10,7 +10,8 @@ With storage on an object store (`s3://...`, pipelines.object_store) the stages 
 mirror; the store's manifests decide what is done, a stage's finished inputs are pulled before it
 runs, and a finished stage is published to the store, manifest last, before its local manifest.
 A training stage keeps its Ray Train checkpoints and its start marker in the store itself, so it
-resumes on whichever machine runs it next.
+resumes on whichever machine runs it next. On a cluster whose other nodes do not see the mirror,
+those nodes keep their own copy of it (pipelines.nodes.NodeMirrors) and pull each stage's inputs too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from rich.markup import escape
 from pipelines.checks import check_stage_names, preflight
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.dag import Stage, plan
-from pipelines.nodes import check_storage_on_every_node
+from pipelines.nodes import NodeMirrors, check_storage_on_every_node
 from pipelines.object_store import ObjectStore
 from tasks.context import MANIFEST, StageContext
 from tasks.training import RAY_RUN_NAME
@@ -91,8 +92,9 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
         ensure_ray(cfg)  # on a cluster, stages may hand work to Ray (img2dataset's ray distributor)
     storage.mkdir(parents=True, exist_ok=True)
     (storage / "_pipeline").mkdir(exist_ok=True)
-    if on_cluster:
-        check_storage_on_every_node(storage, store.uri if store else None)
+    mirrors = check_storage_on_every_node(storage, store) if on_cluster else None
+    if mirrors:
+        check_tracking_reaches_nodes(cfg, stages, mirrors)
     config_file = storage / "_pipeline" / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if store:
@@ -101,13 +103,17 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
     tracking_uri = start_tracking(cfg, storage)
     where = f"{store.uri} (local mirror {storage})" if store else str(storage)
     console.print(f"[bold]unclip[/] {cfg.name}: storage {where}, MLflow {tracking_uri}")
+    if mirrors:
+        console.print(f"{len(mirrors.nodes)} Ray node(s) do not see {storage} ({', '.join(mirrors.nodes.values())}): "
+                      "each keeps its own copy, pulled from the store before the stages whose workers read it")
 
     with mlflow.start_run(run_name=cfg.name) as parent:
         mlflow.set_tags({"unclip.storage": store.uri if store else str(storage), "unclip.stages": ",".join(s.name for s in stages)})
         mlflow.log_artifact(str(config_file))
         INTERRUPTED.clear()
         try:
-            results = run_stages(stages, cfg, storage, store, run_started=started, parent_run_id=parent.info.run_id)
+            results = run_stages(stages, cfg, storage, store, run_started=started, parent_run_id=parent.info.run_id,
+                                 mirrors=mirrors)
         except KeyboardInterrupt:
             INTERRUPTED.set()
             raise
@@ -119,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, until: str 
 
 
 def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: ObjectStore | None,
-               run_started: float, parent_run_id: str) -> dict[str, dict[str, Any]]:
+               run_started: float, parent_run_id: str, mirrors: NodeMirrors | None = None) -> dict[str, dict[str, Any]]:
     """Run each stage once its inputs in this run have finished, up to `cfg.parallel_stages` at a
     time; results in plan order. Parallel stages are threads of this driver (their work runs in
     Ray's processes), so one stage's start-up (actors, imports) overlaps another's training. After
@@ -136,7 +142,7 @@ def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: O
     def work(stage: Stage) -> None:
         try:
             finished.put((stage.name, run_stage(stage, cfg, storage, store, run_started=run_started,
-                                                parent_run_id=parent_run_id), None))
+                                                parent_run_id=parent_run_id, mirrors=mirrors), None))
         except BaseException as e:  # handed to the main thread, which raises it
             finished.put((stage.name, None, e))
 
@@ -147,7 +153,7 @@ def run_stages(stages: list[Stage], cfg: PipelineConfig, storage: Path, store: O
             if stage.alone:
                 if not running:  # alone, here: then look again at what became ready
                     waiting.remove(stage)
-                    results[stage.name] = run_stage(stage, cfg, storage, store, run_started=run_started)
+                    results[stage.name] = run_stage(stage, cfg, storage, store, run_started=run_started, mirrors=mirrors)
                 break
             waiting.remove(stage)
             running.add(stage.name)
@@ -210,9 +216,11 @@ def finished_manifest(stage: str, storage: Path, store: ObjectStore | None = Non
 
 
 def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectStore | None = None,
-              run_started: float | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+              run_started: float | None = None, parent_run_id: str | None = None,
+              mirrors: NodeMirrors | None = None) -> dict[str, Any]:
     """Run one stage, or skip it when its manifest matches. `parent_run_id`: the pipeline's MLflow
-    run, for a stage run in a thread of its own (MLflow's active run is per thread)."""
+    run, for a stage run in a thread of its own (MLflow's active run is per thread). `mirrors`: the
+    cluster nodes with their own copy of the store, which get the stage's inputs too."""
     out_dir = storage / stage.name
     inputs = {name: storage / name for name in stage.inputs(cfg)}
     input_manifests = {name: finished_manifest(name, storage, store) for name in inputs}
@@ -240,6 +248,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
         # from the store's finished output (this mirror may be empty, or hold an older one).
         for name in inputs:
             store.pull(name, storage / name)
+        if mirrors and stage.needs_ray:  # its workers read them on any node
+            mirrors.pull(list(inputs))
         local = read_manifest(out_dir)
         if stage.incremental and previous and previous.get("config_hash") == config_hash and local != previous:
             store.pull(stage.name, out_dir)
@@ -276,7 +286,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig, storage: Path, store: ObjectSto
     ctx = StageContext(name=stage.name, storage=storage, out_dir=out_dir, inputs=inputs, seed=cfg.seed,
                        show_progress=cfg.progress, run_started=run_started,
                        checkpoint_path=store.path(stage.name) if checkpoints_in_store else None,
-                       checkpoint_filesystem=store.fs if checkpoints_in_store else None)
+                       checkpoint_filesystem=store.fs if checkpoints_in_store else None,
+                       driver_node_id=mirrors.driver_node_id if mirrors else None,
+                       copy_to_nodes=mirrors.copy if mirrors else None)
     started = datetime.now(timezone.utc)
     # A stage resumed after a crash continues its own MLflow run (its id is kept in the stage
     # directory); one that grows with its inputs is a new run (its appended inputs are new params).
@@ -375,6 +387,18 @@ def clear_stage_dir(out_dir: Path, keep: tuple[str, ...] = ()) -> None:
     for path in out_dir.iterdir():
         if path.name not in keep:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check_tracking_reaches_nodes(cfg: PipelineConfig, stages: list[Stage], mirrors: NodeMirrors) -> None:
+    """Training workers log to MLflow from any node: a tracking store that is a file on this node
+    (the default sqlite in storage) is not theirs to reach when nodes keep their own copy of storage."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri or "sqlite:///<storage>/mlflow.db"
+    training = [s.name for s in stages if s.resumable]
+    if training and (uri.startswith(("sqlite:", "file:")) or "://" not in uri):
+        raise ConfigError(f"MLflow tracking store {uri} is a file on the driver's node, and {', '.join(training)} log to "
+                          f"it from workers on other nodes ({', '.join(mirrors.nodes.values())}), which keep their own "
+                          "copy of storage; set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to a tracking server "
+                          "(cluster/ has one)")
 
 
 def start_tracking(cfg: PipelineConfig, storage: Path) -> str:

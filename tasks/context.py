@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 # Written into a stage's out_dir, atomically and last, by the runner once the stage finished: a
@@ -39,6 +39,17 @@ class StageContext:
     # store and its pyarrow filesystem, so an interrupted stage resumes on any machine
     checkpoint_path: str | None = None
     checkpoint_filesystem: Any = None
+    # On a cluster whose other nodes keep their own copy of storage (object-store storage, no shared
+    # folder; pipelines.nodes): the node this driver runs on, where a stage's workers must write
+    # output, and what copies a file or folder the stage made to those copies before workers read it.
+    driver_node_id: str | None = None
+    copy_to_nodes: Callable[[Path], None] | None = None
+
+    def share_with_workers(self, path: Path) -> None:
+        """Make a file or folder this stage wrote (or an external input) readable by its workers on
+        every node; nothing to do where every node sees storage."""
+        if self.copy_to_nodes is not None:
+            self.copy_to_nodes(Path(path))
 
     def input(self, stage: str) -> Path:
         if stage not in self.inputs:

@@ -16,10 +16,11 @@ The driver never holds an embedding, so its memory does not grow with the data. 
 shard with a marker row carrying the number of rows it emitted, so the driver knows when a shard is
 complete whatever order the blocks arrive in. Parts live in a hidden folder that no reader lists and
 every run starts by clearing, so a killed run never leaves anything that looks like a finished
-shard. Workers and mergers write under the stage's output, so on a cluster it must be storage every
-node sees. Damaged input is counted and skipped, never fatal: an undecodable image or a non-UTF-8
-caption drops that sample; a truncated tar keeps the samples before the damage; an unreadable tar
-yields an empty file.
+shard. Writers and mergers write under the stage's output: on a cluster, storage every node sees,
+or, where other nodes keep their own copy of it (pipelines.nodes), they run on the driver's node.
+Damaged input is counted and skipped, never fatal: an undecodable image or a non-UTF-8 caption
+drops that sample; a truncated tar keeps the samples before the damage; an unreadable tar yields
+an empty file.
 
 Incremental: a shard whose output file exists with the same fingerprint (CLIP spec, dtype,
 filter) is not embedded again, so a re-run after a crash, or after new shards arrived, embeds only
@@ -495,6 +496,7 @@ class ShardMerger:
 
 def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
     out_dir = Path(ctx.out_dir)
@@ -513,6 +515,9 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
     (out_dir / CLIP_DIR).mkdir(exist_ok=True)
     atomic_write(out_dir / CLIP_DIR / CLIP_SPEC_NAME,
                  lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
+    ctx.share_with_workers(out_dir / CLIP_DIR)  # the encoders load it
+    if spec["pretrained"] and Path(spec["pretrained"]).is_file() and not Path(spec["pretrained"]).is_relative_to(ctx.storage):
+        ctx.share_with_workers(Path(spec["pretrained"]))  # a local file of the user's: every node must have it
 
     pending, existing, stale = [], 0, 0
     sources = {shard_id(p): _source_identity(p) for p in shards}
@@ -542,7 +547,11 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
         # mergers reserve no CPU: Ray Data holds the cluster's CPUs while shards stream, and a merge
         # that waited for one would finish shards only at the end (not incremental). Started first,
         # so that they are up before the first shard completes (waited for below).
-        mergers = [ray.remote(ShardMerger).options(num_cpus=0).remote() for _ in range(plan["writer_pool_size"])]
+        # Where other nodes keep their own copy of storage, the output is written on the driver's node
+        # (the runner publishes it from there); its writers then take no CPU: that node may have none
+        # for tasks (a cluster head), and they only concatenate and write what the encoders made.
+        on_driver = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ctx.driver_node_id, soft=False)} if ctx.driver_node_id else {}
+        mergers = [ray.remote(ShardMerger).options(num_cpus=0, **on_driver).remote() for _ in range(plan["writer_pool_size"])]
         embed_dim, context_length, preprocess_cfg = _describe(spec, plan["decode_cpus"])
         schema = embedding_schema(embed_dim, context_length, cfg.emb_dtype,
                                   metadata={"fingerprint": fingerprint, "clip": spec})
@@ -566,7 +575,8 @@ def run(cfg: EmbedConfig, ctx: StageContext) -> dict[str, float]:
             # batch_size=None: each encoded block is written as it comes, so shards finish while others stream
             ds = ds.map_batches(
                 ShardPartWriter, batch_size=None, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=plan["writer_pool_size"]), num_cpus=plan["cpus_per_writer"],
+                compute=ray.data.ActorPoolStrategy(size=plan["writer_pool_size"]),
+                num_cpus=0 if on_driver else plan["cpus_per_writer"], **on_driver,
                 fn_constructor_kwargs={"parts_dir": str(parts_dir), "schema": schema})
         finally:
             data_ctx.target_max_block_size, data_ctx.enable_progress_bars = saved

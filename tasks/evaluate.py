@@ -768,6 +768,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         from tasks.metrics import inception_network
 
         inception_network(inception)  # a missing or wrong file fails here, not in an actor
+        ctx.share_with_workers(inception)
     size = output_size(ctx.storage, cfg.which)
     score_size = max(cfg.score_size, size)
     pool = plan_pool(cfg, ray.cluster_resources())

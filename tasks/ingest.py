@@ -62,6 +62,7 @@ class IngestError(RuntimeError):
 
 
 def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
+    cfg = cfg.model_copy(update={"distributor": choose_distributor(cfg.distributor, ctx.driver_node_id)})
     if cfg.url_list is not None and not cfg.extra_url_lists:
         return download(cfg, cfg.url_list, cfg.input_format, cfg.additional_columns, ctx.out_dir)
     import pandas as pd
@@ -171,7 +172,16 @@ def temporary_tmpdir():
                 os.environ["TMPDIR"] = previous
 
 
-def choose_distributor(setting: str) -> str:
+def choose_distributor(setting: str, driver_node_id: str | None = None) -> str:
+    """img2dataset's ray distributor hands files to its workers through the output folder, so it
+    needs a folder every node sees; where other nodes keep their own copy of storage, ingest
+    downloads on the driver's node."""
+    if driver_node_id:
+        if setting == "ray":
+            raise ValueError("ingest.distributor ray: img2dataset's Ray workers exchange files through the output folder, "
+                             "which the cluster's other nodes do not see (each keeps its own copy of the object store); "
+                             "use distributor auto or multiprocessing (downloads on the driver's node)")
+        return "multiprocessing"
     if setting != "auto":
         return setting
     import ray

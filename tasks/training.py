@@ -213,11 +213,14 @@ def fit(spec: TrainSpec, cfg: TrainConfig, ctx: StageContext, model_config: dict
     cluster = ray.cluster_resources()
     resources = worker_resources(cfg, cluster)
     active = mlflow.active_run()
+    init_from = resolve_init_from(cfg.init_from, ctx.storage, ctx.name, mlflow.get_tracking_uri(),
+                                  download_to=ctx.out_dir / "init_from")
+    if init_from:  # the workers load it
+        ctx.share_with_workers(Path(init_from))
     loop_config = {
         "kind": spec.kind,
         "model_config": model_config,
-        "init_from": resolve_init_from(cfg.init_from, ctx.storage, ctx.name, mlflow.get_tracking_uri(),
-                                       download_to=ctx.out_dir / "init_from"),
+        "init_from": init_from,
         "train": cfg.model_dump(mode="json", include=set(TrainConfig.model_fields)),
         "batches": spec.batches,
         "batch_args": spec.batch_args,

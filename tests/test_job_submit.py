@@ -7,7 +7,8 @@ activated venv. The pipeline job runs the quick preset's data half (synth, inges
 the stages that exercise Ray and MLflow, in a few minutes on 2 cores; training adds nothing new
 to how a job runs).
 
-A second Ray node joins the head, so the jobs run on a two-node cluster. It runs in its own mount
+A second Ray node joins the head, so the jobs run on a two-node cluster laid out as KubeRay's: the
+head runs no tasks (`--num-cpus 0`), the worker node has the CPUs. The node runs in its own mount
 namespace with an empty tmpfs over one folder (BLIND below): a node without the shared filesystem
 for that folder only, as a cluster node that lacks the storage volume (needs `unshare`, i.e. root).
 """
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_runner import DATA_HALF
+from tests.test_object_storage import s3_server  # noqa: F401  (fixture)
+from tests.test_register import stop
+from tests.test_runner import DATA_HALF, data_half
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +80,9 @@ def user_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def head():
-    """`make ray-head` (README), with this test's temp dir and ports; yields the dashboard address."""
+def cluster():
+    """`make ray-head` (README), with this test's temp dir and ports, and a second node; yields the
+    dashboard address and the second node's process id."""
     temp_dir = tempfile.mkdtemp(prefix="unclip-ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     dashboard = free_port()
     ports = {
@@ -88,7 +92,7 @@ def head():
         "--node-manager-port": free_port(), "--object-manager-port": free_port(),
     }
     extra = " ".join(f"{flag} {port}" for flag, port in ports.items())
-    extra += f" --block --temp-dir {temp_dir} --object-store-memory {256 * 2**20} --disable-usage-stats"
+    extra += f" --num-cpus 0 --block --temp-dir {temp_dir} --object-store-memory {256 * 2**20} --disable-usage-stats"
     log = open(Path(temp_dir) / "head.log", "w")
     # -o install: the venv exists (this test runs in it); do not let make reinstall it
     proc = subprocess.Popen(["make", "-o", "install", "ray-head", f"VENV={VENV_BIN.parent}", f"RAY_HEAD_ARGS={extra}"],
@@ -110,7 +114,7 @@ def head():
         node_temp_dir = tempfile.mkdtemp(prefix="unclip-ray2-", dir="/tmp")
         node = start_second_node(address, ports["--port"], node_temp_dir)
         try:
-            yield address
+            yield address, node.pid
         finally:
             stop_session(node.pid)
             node.wait(timeout=30)
@@ -121,6 +125,11 @@ def head():
         proc.wait(timeout=30)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(cluster):
+    return cluster[0]
 
 
 BLIND = Path(tempfile.gettempdir()) / "unclip-not-on-node-2"
@@ -136,9 +145,9 @@ HIDES_A_FOLDER = can_hide_a_folder()
 
 
 def start_second_node(address: str, head_port: int, temp_dir: str) -> subprocess.Popen:
-    """A 1-CPU worker node on this machine joined to the head (tests/ray_node.py); BLIND is an empty
+    """A 2-CPU worker node on this machine joined to the head (tests/ray_node.py); BLIND is an empty
     folder on it when it can have its own mounts."""
-    start = f"exec {sys.executable} {REPO / 'tests' / 'ray_node.py'} 127.0.0.1:{head_port} {temp_dir} 1"
+    start = f"exec {sys.executable} {REPO / 'tests' / 'ray_node.py'} 127.0.0.1:{head_port} {temp_dir} 2"
     BLIND.mkdir(exist_ok=True)
     command = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {BLIND} && {start}"] if HIDES_A_FOLDER else ["sh", "-c", start]
     with open(Path(temp_dir) / "node2.log", "w") as log:  # the node writes to its own copy of the descriptor
@@ -255,3 +264,74 @@ def test_a_job_whose_storage_one_node_cannot_see_fails_naming_that_node(head, tm
     assert f"error: storage {storage} is not visible from 1 of the cluster's 2 Ray nodes (127.0.0.1 ({node['node_id'][:8]}))" in logs
     assert "with --storage" in logs and "Traceback" not in logs
     assert not (storage / "synth").exists() and list((storage / "_pipeline").iterdir()) == []  # the check left no marker
+
+
+@pytest.fixture()
+def tracking_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied to a local folder); yields its URI."""
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'tracking.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield uri
+    finally:
+        stop(server)
+        log.close()
+
+
+@pytest.mark.skipif(not HIDES_A_FOLDER, reason="needs `unshare -m` (root) for a node without the folder")
+def test_a_job_on_object_store_storage_runs_on_a_node_that_keeps_its_own_mirror(cluster, s3_server, tracking_server, tmp_path):
+    """No shared volume: the driver's mirror of the store is in the folder the worker node does not
+    see, and every task runs on that node (the head has no CPUs). The node keeps its own copy,
+    pulled from the store; output comes back through the store; training logs to a tracking server."""
+    from mlflow.tracking import MlflowClient
+    from pyarrow import fs as pafs
+
+    address, node_pid = cluster
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing", secret_key="testing",
+                           region="us-east-1", allow_bucket_creation=True)
+    bucket = f"b{tmp_path.name[-8:].lower().replace('_', '')}"
+    s3.create_dir(bucket)
+    mirror = BLIND / f"mirror-{tmp_path.name}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server, "UNCLIP_LOCAL_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": tracking_server}
+    submitted = ray_job("submit", "--address", address, "--working-dir", ".", "--submission-id", "unclip-own-mirrors",
+                        "--runtime-env-json", json.dumps({"env_vars": env}), "--",
+                        "unclip", "run", "pipelines/configs/quick.yaml", "--storage", f"s3://{bucket}/run",
+                        *data_half("train_prior"), "--set", "synth.n=120", "--set", "ingest.shard_size=50",
+                        "--set", "train_prior.steps=40", "--set", "train_prior.log_every=10",
+                        "--set", "train_prior.checkpoint_every=20", "--set", "train_prior.warmup_steps=5")
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    assert job_status(address, "unclip-own-mirrors") == "SUCCEEDED"
+    logs = job_logs(address, "unclip-own-mirrors")
+    node = next(n for n in alive_nodes(address) if not n["is_head_node"])
+    assert f"1 Ray node(s) do not see {mirror} (127.0.0.1 ({node['node_id'][:8]})): each keeps its own copy" in logs
+
+    for stage in ("synth", "ingest", "embed", "pca", "train_prior"):
+        assert s3.get_file_info(f"{bucket}/run/{stage}/_manifest.json").is_file, stage
+    # The node's view of the same path (through its process's root): its own copy, with the inputs of
+    # the stages whose workers it ran (embed reads ingest's shards; train_prior reads embed's table),
+    # and nothing for those that run on the driver's node (ingest downloads there: synth is not pulled).
+    node_copy = Path(f"/proc/{node_pid}/root") / mirror.relative_to("/")
+    assert (node_copy / "ingest" / "_manifest.json").read_text() == (mirror / "ingest" / "_manifest.json").read_text()
+    assert (node_copy / "embed" / "_manifest.json").is_file() and list((node_copy / "embed" / "clip").iterdir())
+    assert (mirror / "synth" / "_manifest.json").is_file() and not (node_copy / "synth").exists()
+    assert not (node_copy / "train_prior").exists()  # its output went to the store, through the driver
+
+    client = MlflowClient(tracking_server)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    prior = next(r for r in runs if r.data.tags.get("mlflow.runName") == "train_prior")
+    assert prior.info.status == "FINISHED"
+    assert len(client.get_metric_history(prior.info.run_id, "loss")) >= 2  # logged by the worker, on the node
