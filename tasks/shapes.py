@@ -61,14 +61,18 @@ class ShapeObject:
         return (self.colour, self.shape)
 
 
-def sample_scene(rng: random.Random, two_object_fraction: float = 0.4) -> tuple[list[ShapeObject], str]:
-    """Draw one scene and a caption for it, in one of several wordings."""
+def sample_scene(rng: random.Random, two_object_fraction: float = 0.4, name_sizes: bool = True) -> tuple[list[ShapeObject], str]:
+    """Draw one scene and a caption for it, in one of several wordings. Without `name_sizes` the
+    sizes are drawn all the same but no caption names one: a detail of the image the caption leaves
+    out, as real captions do, which z_i carries and z_t cannot (the paper's case for the prior, 5.1)."""
 
     def obj(centre):
         jx, jy = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
         return ShapeObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES)), centre[0] + jx, centre[1] + jy)
 
     caption, objects = _scene_and_caption(rng, obj, two_object_fraction)
+    if not name_sizes:
+        caption = " ".join(w for w in caption.split(" ") if w not in SIZES)
     return objects, re.sub(r"\ba (?=[aeiou])", "an ", caption)
 
 

@@ -43,3 +43,17 @@ def test_heldout_split_has_pairs_never_seen_in_training(tmp_path):
     assert len(set(captions)) > 300  # varied wording, not one template
     assert any(" above " in c for c in captions) and any(" on the left" in c for c in captions)
     assert not any(" a o" in c or c.startswith("a o") for c in captions)  # "an orange"
+
+
+def test_sizes_left_unnamed_are_still_drawn(tmp_path):
+    """name_sizes=False changes the captions only: the same scenes, no caption naming a size."""
+    generate(tmp_path / "named", 200, seed=5, progress=False)
+    generate(tmp_path / "unnamed", 200, seed=5, progress=False, name_sizes=False)
+    named, unnamed = (pq.read_table(tmp_path / d / "captions.parquet").to_pylist() for d in ("named", "unnamed"))
+    assert [r["objects"] for r in named] == [r["objects"] for r in unnamed]
+    assert (tmp_path / "named/images/0000011.png").read_bytes() == (tmp_path / "unnamed/images/0000011.png").read_bytes()
+    assert sum(" small " in f" {r['caption']} " or " large " in f" {r['caption']} " for r in named) > 100
+    assert not any(word in r["caption"].split() for r in unnamed for word in ("small", "large"))
+    assert {o["size"] for r in unnamed for o in json.loads(r["objects"])} == {"small", "large"}
+    assert not any("  " in r["caption"] or r["caption"] != r["caption"].strip() for r in unnamed)
+    assert not any(" a o" in r["caption"] or r["caption"].startswith("a o") for r in unnamed)  # "an orange"
