@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError
-from pipelines.object_store import MIRROR_ENV, CREDENTIALS_FIX, ObjectStore, ObjectStoreError
+from pipelines.object_store import CREDENTIALS_FIX, MIRROR_ENV, ObjectStore, ObjectStoreError
 from tasks.context import one_line
 
 ANSWER_TIMEOUT_S = 120  # a node busy starting workers answers in seconds; one that never does is reported

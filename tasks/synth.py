@@ -28,19 +28,21 @@ class SynthConfig(BaseModel):
     n: int = Field(2000, ge=1, description="number of images")
     image_size: int = Field(128, ge=16, le=1024, description="rendered resolution (above the decoder's)")
     two_object_fraction: float = Field(0.4, ge=0.0, le=1.0)
-    name_sizes: bool = Field(True, description="captions name each object's size (small/large); false: sizes are "
-                             "drawn but never named, a detail left to the prior (tasks.shapes.sample_scene)")
+    sizes_named: float = Field(1.0, ge=0.0, le=1.0, description="the share of captions that name their objects' sizes "
+                               "(small/large); in the others sizes are drawn but not named, a detail left to the prior "
+                               "(tasks.shapes.sample_scene)")
 
 
 def generate(out_dir: Path, n: int, seed: int, image_size: int = 128, two_object_fraction: float = 0.4, progress: bool = True,
-             name_sizes: bool = True) -> dict[str, float]:
+             sizes_named: float = 1.0) -> dict[str, float]:
     """Write `n` images and captions.parquet under out_dir; deterministic by seed."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    naming = random.Random(f"{seed}-sizes")  # its own stream: the scenes do not depend on which captions name sizes
     rows = {"id": [], "path": [], "caption": [], "split": [], "objects": []}
     for i in progress_bar(range(n), desc="synth", unit="img", enabled=progress):
-        objects, caption = sample_scene(rng, two_object_fraction, name_sizes)
+        objects, caption = sample_scene(rng, two_object_fraction, name_sizes=naming.random() < sizes_named)
         image_id = f"{i:07d}"
         path = f"images/{image_id}.png"
         render(objects, image_size).save(out_dir / path)
@@ -58,4 +60,4 @@ def generate(out_dir: Path, n: int, seed: int, image_size: int = 128, two_object
 
 
 def run(cfg: SynthConfig, ctx: StageContext) -> dict[str, float]:
-    return generate(ctx.out_dir, cfg.n, ctx.seed, cfg.image_size, cfg.two_object_fraction, ctx.show_progress, cfg.name_sizes)
+    return generate(ctx.out_dir, cfg.n, ctx.seed, cfg.image_size, cfg.two_object_fraction, ctx.show_progress, cfg.sizes_named)

@@ -3,9 +3,10 @@
 The head gets its own temp dir and ports on 127.0.0.1 (other Ray instances run on this machine)
 and is stopped by killing its process session, never with `ray stop`, which stops every Ray of
 this user. The venv's bin is removed from PATH first: the README's commands must work without an
-activated venv. The pipeline job runs the quick preset's data half (synth, ingest, embed, pca:
-the stages that exercise Ray and MLflow, in a few minutes on 2 cores; training adds nothing new
-to how a job runs).
+activated venv. The pipeline jobs run the quick preset's data half (synth, ingest, embed, pca:
+the stages that exercise Ray and MLflow, in a few minutes on 2 cores), and, on object-store
+storage that the worker node keeps its own copy of, one short training stage (its workers log to
+MLflow from that node).
 
 A second Ray node joins the head, so the jobs run on a two-node cluster laid out as KubeRay's: the
 head runs no tasks (`--num-cpus 0`), the worker node has the CPUs. The node runs in its own mount

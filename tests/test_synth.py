@@ -46,14 +46,19 @@ def test_heldout_split_has_pairs_never_seen_in_training(tmp_path):
 
 
 def test_sizes_left_unnamed_are_still_drawn(tmp_path):
-    """name_sizes=False changes the captions only: the same scenes, no caption naming a size."""
-    generate(tmp_path / "named", 200, seed=5, progress=False)
-    generate(tmp_path / "unnamed", 200, seed=5, progress=False, name_sizes=False)
-    named, unnamed = (pq.read_table(tmp_path / d / "captions.parquet").to_pylist() for d in ("named", "unnamed"))
-    assert [r["objects"] for r in named] == [r["objects"] for r in unnamed]
-    assert (tmp_path / "named/images/0000011.png").read_bytes() == (tmp_path / "unnamed/images/0000011.png").read_bytes()
-    assert sum(" small " in f" {r['caption']} " or " large " in f" {r['caption']} " for r in named) > 100
-    assert not any(word in r["caption"].split() for r in unnamed for word in ("small", "large"))
-    assert {o["size"] for r in unnamed for o in json.loads(r["objects"])} == {"small", "large"}
-    assert not any("  " in r["caption"] or r["caption"] != r["caption"].strip() for r in unnamed)
-    assert not any(" a o" in r["caption"] or r["caption"].startswith("a o") for r in unnamed)  # "an orange"
+    """sizes_named changes the captions only: the same scenes, and no caption (or half of them) naming a size."""
+    for share in (1.0, 0.0, 0.5):
+        generate(tmp_path / str(share), 400, seed=5, progress=False, sizes_named=share)
+    rows = {share: pq.read_table(tmp_path / str(share) / "captions.parquet").to_pylist() for share in (1.0, 0.0, 0.5)}
+    assert [r["objects"] for r in rows[1.0]] == [r["objects"] for r in rows[0.0]] == [r["objects"] for r in rows[0.5]]
+    assert (tmp_path / "1.0/images/0000011.png").read_bytes() == (tmp_path / "0.0/images/0000011.png").read_bytes()
+
+    def naming(caption: str) -> bool:
+        return any(word in caption.split() for word in ("small", "large"))
+
+    assert sum(naming(r["caption"]) for r in rows[1.0]) > 300  # most wordings name a size
+    assert not any(naming(r["caption"]) for r in rows[0.0])
+    assert 0.3 < sum(naming(r["caption"]) for r in rows[0.5]) / sum(naming(r["caption"]) for r in rows[1.0]) < 0.7
+    assert {o["size"] for r in rows[0.0] for o in json.loads(r["objects"])} == {"small", "large"}
+    assert not any("  " in r["caption"] or r["caption"] != r["caption"].strip() for r in rows[0.0])
+    assert not any(" a o" in r["caption"] or r["caption"].startswith("a o") for r in rows[0.0])  # "an orange"
